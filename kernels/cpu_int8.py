@@ -1,0 +1,39 @@
+"""CPU int8 kernels: oneDNN's int8 GEMM (``torch._int_mm``) with the rest in aten ops.
+
+These are plain Python functions, not custom ops, on purpose: the lowering pass
+puts them into the graph as ``call_function`` nodes, and when the graph goes to
+inductor, AOT tracing turns them into aten ops so inductor fuses the activation
+quantization into its producer and the dequantization epilogue into one
+pointwise kernel. Only ``torch._int_mm`` stays an extern call.
+
+Measured here (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
+0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.015 ms. The weight is kept
+in nn.Linear layout ``[N, K]`` and passed transposed: that view is as fast as a
+contiguous ``[K, N]`` copy for M=512 and faster for M=1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import quantize_rows  # aten-only: already what inductor should fuse
+
+__all__ = ["quantize_rows", "int8_linear", "int8_matmul_int32"]
+
+
+def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """``q[M, K] @ w_q[N, K]^T`` accumulated in int32 by oneDNN."""
+    return torch._int_mm(q.contiguous(), w_q.t())
+
+
+def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
+    """Same contract as ``reference.int8_linear``, with the fast int8 GEMM."""
+    lead = q.shape[:-1]
+    n = w_q.shape[0]
+    acc = int8_matmul_int32(q.reshape(-1, q.shape[-1]), w_q)
+    out = acc.float() * x_scale.reshape(-1, 1) * w_scale
+    if bias is not None:
+        out = out + bias.float()
+    if addend is not None:
+        out = out + addend.reshape(-1, n).float()
+    return out.to(out_dtype).reshape(*lead, n)

@@ -1,0 +1,83 @@
+"""The ``lowbit::`` custom ops that quantizing passes insert into graphs.
+
+Each op is target-neutral: its implementation is the plain-PyTorch reference in
+``reference.py`` and it has a fake (meta) implementation so dynamo/inductor can
+trace it. ``qcompile.lowering`` later replaces these ops with the kernels of the
+chosen target (``cpu_int8`` functions that inductor fuses, or Triton ops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_int8
+from . import reference as ref
+
+
+@torch.library.custom_op("lowbit::quantize_rows", mutates_args=())
+def quantize_rows(
+    x: torch.Tensor, inlier_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization; see ``reference.quantize_rows``."""
+    return ref.quantize_rows(x, inlier_mask)
+
+
+@quantize_rows.register_fake
+def _(x, inlier_mask):
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+@torch.library.custom_op("lowbit::int8_linear", mutates_args=())
+def int8_linear(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    addend: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8 x int8 -> int32 GEMM with fused dequantization; see ``reference.int8_linear``."""
+    return ref.int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype)
+
+
+@int8_linear.register_fake
+def _(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
+    return torch.empty((*q.shape[:-1], w_q.shape[0]), dtype=out_dtype, device=q.device)
+
+
+@torch.library.custom_op("lowbit::int8_mixed_linear_dynamic", mutates_args=())
+def int8_mixed_linear_dynamic(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+) -> torch.Tensor:
+    """LLM.int8() with outlier columns chosen per batch at run time (bitsandbytes' rule).
+
+    A column is an outlier when any of its entries reaches ``threshold`` in this
+    batch. Those columns are multiplied in full precision with the weight
+    columns dequantized from int8 (as bitsandbytes does without fp16 weights);
+    the rest go through the int8 path. Data-dependent, so it is opaque to
+    compilers; the static (calibrated) split is the default.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    outlier = (x2.abs() >= threshold).any(dim=0)
+    q, s = ref.quantize_rows(x2, ~outlier)
+    addend = None
+    if bool(outlier.any()):
+        cols = outlier.nonzero().squeeze(1)
+        w_cols = w_q.index_select(1, cols).float() * w_scale.float().unsqueeze(1)
+        addend = x2.index_select(1, cols).float() @ w_cols.t()
+    linear = cpu_int8.int8_linear if x.device.type == "cpu" else ref.int8_linear
+    out = linear(q, s, w_q, w_scale, bias, addend, x.dtype)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@int8_mixed_linear_dynamic.register_fake
+def _(x, w_q, w_scale, bias, threshold):
+    return torch.empty((*x.shape[:-1], w_q.shape[0]), dtype=x.dtype, device=x.device)

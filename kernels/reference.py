@@ -1,0 +1,79 @@
+"""Plain-PyTorch references for every lowbit kernel.
+
+These define the numerics. Every target-specific kernel (Triton, CPU) is tested
+against them: integer results bit-exact, float results to a per-dtype tolerance.
+
+Conventions shared by all int8 kernels:
+  * activations are quantized per row (token), symmetric, to [-127, 127]:
+        absmax = max(|x[r, inlier columns]|), clamped below by ``EPS``
+        scale  = absmax / 127                   (float32, shape [..., 1])
+        q      = clamp(round_half_even(x * (127 / absmax)), -127, 127)
+    columns outside ``inlier_mask`` (the outlier columns of LLM.int8()) are
+    excluded from the absmax and quantize to 0;
+  * weights are quantized per output row (column of W^T), symmetric, to [-127, 127];
+  * the GEMM accumulates in int32 and dequantizes with the outer product of the
+    row scales and the weight scales, then adds bias and an optional addend
+    (the full-precision outlier partial product).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8  # smallest absmax; an all-zero row quantizes to zeros with this scale
+QMAX = 127
+
+
+def quantize_rows(x: torch.Tensor, inlier_mask: torch.Tensor | None = None):
+    """Per-row symmetric int8 quantization of ``x[..., K]``.
+
+    Returns ``(q int8 [..., K], scale float32 [..., 1])``.
+    """
+    xf = x.float()
+    if inlier_mask is not None:
+        xf = xf.masked_fill(~inlier_mask, 0.0)
+    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    q = torch.round(xf * (QMAX / absmax)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, absmax / QMAX
+
+
+def quantize_weight_per_channel(w: torch.Tensor):
+    """Per-output-channel symmetric int8 quantization of a ``[N, K]`` weight.
+
+    Returns ``(w_q int8 [N, K], w_scale float32 [N])``. Rounding is done in
+    float64 so the result does not depend on the weight's storage dtype.
+    """
+    wd = w.detach().double()
+    absmax = wd.abs().amax(dim=1, keepdim=True).clamp_min(EPS)
+    q = torch.round(wd * (QMAX / absmax)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, (absmax / QMAX).squeeze(1).float()
+
+
+def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 accumulation of ``q[M, K] @ w_q[N, K]^T`` (reference, slow)."""
+    return torch.mm(q.to(torch.int32), w_q.to(torch.int32).t())
+
+
+def int8_linear(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    addend: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(q @ w_q^T) * x_scale * w_scale + bias + addend`` with int32 accumulation.
+
+    ``q [..., K]`` int8, ``x_scale [..., 1]`` float32, ``w_q [N, K]`` int8,
+    ``w_scale [N]`` float32, ``bias [N]`` or None, ``addend [..., N]`` or None.
+    The epilogue runs in float32 and the result is cast to ``out_dtype``.
+    """
+    lead = q.shape[:-1]
+    acc = int8_matmul_int32(q.reshape(-1, q.shape[-1]), w_q)
+    out = acc.float() * x_scale.reshape(-1, 1).float() * w_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    if addend is not None:
+        out = out + addend.reshape(-1, w_q.shape[0]).float()
+    return out.to(out_dtype).reshape(*lead, w_q.shape[0])

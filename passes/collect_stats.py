@@ -1,0 +1,86 @@
+"""collect_stats: attach activation statistics to every linear site.
+
+Precondition: ``bind`` ran (``ctx.sites`` is filled).
+Postcondition (analysis only): ``ctx.stats[site.fqn]`` holds the site's input
+statistics, taken from ``options["calibration"]`` when it has the site (under
+the site FQN or the tied parameter's FQN), otherwise recorded by running this
+graph once on the example inputs dynamo passed to the backend (weak: a single
+batch, possibly a single decode token), which is logged as a warning.
+Returns the number of sites whose statistics came from the example inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from qcompile.calibration import SiteStats
+from qcompile.context import PassContext
+
+log = logging.getLogger("qcompile")
+
+
+def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
+    calibration = ctx.options.calibration
+    missing = []
+    for site in ctx.sites:
+        if site.skip_reason:
+            continue
+        stats = None
+        if calibration is not None:
+            stats = calibration.get(site.fqn) or calibration.get(site.param_fqn)
+        if stats is not None and stats.absmax.numel() != site.in_features:
+            raise ValueError(
+                f"lowbit: the calibration for {site.fqn} has {stats.absmax.numel()} input "
+                f"channels but the layer has {site.in_features}; was it recorded on another model?"
+            )
+        if stats is None:
+            missing.append(site)
+        else:
+            ctx.stats[site.fqn] = stats
+    if not missing:
+        return 0
+    needs_stats = any(s.scheme != "fp" for s in missing)
+    if needs_stats:
+        where = (
+            "no calibration was given"
+            if calibration is None
+            else f"the calibration has no entry for {len(missing)} site(s), e.g. {missing[0].fqn}"
+        )
+        log.warning(
+            "lowbit: %s; calibrating on this graph's example inputs (%s). This is weak: "
+            "pass options={'calibration': qcompile.calibrate(model, batches)} for reliable "
+            "outlier columns.",
+            where,
+            _describe(example_inputs),
+        )
+    recorded = record_site_inputs(gm, example_inputs, missing, ctx.options.threshold)
+    ctx.stats.update(recorded)
+    return len(recorded)
+
+
+def record_site_inputs(gm, example_inputs, sites, threshold: float) -> dict[str, SiteStats]:
+    """Run ``gm`` on ``example_inputs`` and record the inputs of ``sites``' linears."""
+    wanted = {site.node: site for site in sites}
+    stats: dict[str, SiteStats] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            if n in wanted:
+                x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
+                site = wanted[n]
+                s = stats.setdefault(site.fqn, SiteStats.empty(site.in_features, threshold, False))
+                s.update(x)
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Recorder(gm).run(*example_inputs)
+    return stats
+
+
+def _describe(example_inputs) -> str:
+    shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+    non_param = [s for t, s in zip(example_inputs, shapes) if not isinstance(t, torch.nn.Parameter)]
+    return f"input shapes {non_param[:3]}"

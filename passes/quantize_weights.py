@@ -1,0 +1,99 @@
+"""quantize_weights: int8 per-output-channel weights and per-token int8 activations.
+
+Precondition: ``split_mixed_mm`` ran (sites of mixed recipes may be split).
+Rewrite, per site whose recipe quantizes:
+
+    linear(x, W, b) [+ partial]
+ -> q, s = lowbit.quantize_rows(x, inlier_mask)
+    lowbit.int8_linear(q, s, W_q, w_scale, b, partial, dtype)
+
+with ``W_q, w_scale = absmax int8 of W`` (per output channel; the inlier weight
+when the site was split), stored as new constants of the graph. Sites marked for
+the dynamic split become ``lowbit.int8_mixed_linear_dynamic``. The user's
+parameters are never modified; full-precision copies made by earlier passes are
+dropped from the graph module once replaced.
+Numerical contract: within int8 absmax tolerance: per element of W,
+``|W - W_q * w_scale| <= w_scale / 2``; ``site.weight_sqnr_db`` reports the
+effective weight's SQNR (outlier columns count as exact).
+Returns the number of sites quantized.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+
+from qcompile.context import PassContext, add_constant
+from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
+from qcompile.kernels.reference import quantize_weight_per_channel
+from qcompile.recipes import get_recipe
+
+
+def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
+    rewrites = 0
+    for site in ctx.sites:
+        recipe = get_recipe(site.scheme)
+        if site.skip_reason or not recipe.quantize:
+            continue
+        node = site.node
+        g = gm.graph
+        x = node.args[0]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        w_node = node.meta.get("lowbit.weight_node")
+        w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
+        w_q, w_scale = quantize_weight_per_channel(w)
+        site.weight_sqnr_db = _sqnr_db(site.weight, w_q, w_scale, site.outlier_channels)
+
+        out_val = node.meta.get("example_value")
+        out_dtype = out_val.dtype if out_val is not None else site.weight.dtype
+        replaced = node.meta.get("lowbit.split_sum", node)
+        wq_node = add_constant(gm, f"lowbit_{site.fqn}_int8", w_q, node)
+        ws_node = add_constant(gm, f"lowbit_{site.fqn}_scale", w_scale, node)
+        with g.inserting_before(replaced):
+            if "lowbit.dynamic_threshold" in node.meta:
+                thr = node.meta["lowbit.dynamic_threshold"]
+                y = g.call_function(
+                    torch.ops.lowbit.int8_mixed_linear_dynamic.default,
+                    (x, wq_node, ws_node, bias, thr),
+                )
+            else:
+                mask = node.meta.get("lowbit.inlier_mask")
+                partial = node.meta.get("lowbit.outlier_partial")
+                qs = g.call_function(torch.ops.lowbit.quantize_rows.default, (x, mask))
+                q = g.call_function(operator.getitem, (qs, 0))
+                s = g.call_function(operator.getitem, (qs, 1))
+                y = g.call_function(
+                    torch.ops.lowbit.int8_linear.default,
+                    (q, s, wq_node, ws_node, bias, partial, out_dtype),
+                )
+        y.meta.update({k: v for k, v in node.meta.items() if k.startswith("lowbit.")})
+        y.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        y.meta["example_value"] = out_val
+        replaced.replace_all_uses_with(y)
+        g.erase_node(replaced)
+        if replaced is not node:
+            g.erase_node(node)
+        if w_node is not None and not w_node.users:  # drop the fp inlier copy
+            g.erase_node(w_node)
+            delattr(gm, w_node.target)
+            gm._param_name_to_source.pop(w_node.target, None)
+            y.meta.pop("lowbit.weight_node", None)
+        site.node = y
+        rewrites += 1
+    gm.recompile()
+    return rewrites
+
+
+def _sqnr_db(w: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, exact_cols) -> float:
+    wd = w.detach().double()
+    deq = w_q.double() * w_scale.double().unsqueeze(1)
+    if exact_cols:
+        deq[:, exact_cols] = wd[:, exact_cols]
+    noise = (wd - deq).pow(2).sum().item()
+    signal = wd.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise)

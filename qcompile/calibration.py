@@ -1,0 +1,185 @@
+"""Activation statistics per linear site, keyed by the weight's FQN.
+
+``calibrate(model, batches)`` runs the model eagerly with forward pre-hooks on
+every ``nn.Linear`` and records, per input channel, what the passes need:
+the absolute maximum (LLM.int8() outlier detection, smoothing), how many rows
+reach the outlier threshold, and optionally ``X^T X`` (GPTQ). A linear reachable
+under several names (tied embeddings: ``lm_head.weight`` and
+``model.embed_tokens.weight``) is stored under each of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SiteStats:
+    """Statistics of one linear site's input ``X [rows, K]``."""
+
+    absmax: torch.Tensor  # [K] float32, max |x| per input channel
+    over_threshold: torch.Tensor  # [K] int64, rows with |x| >= threshold per channel
+    rows: int
+    threshold: float
+    hessian: torch.Tensor | None = None  # [K, K] float64, sum of x^T x (GPTQ)
+
+    @classmethod
+    def empty(cls, in_features: int, threshold: float, hessian: bool) -> SiteStats:
+        return cls(
+            absmax=torch.zeros(in_features),
+            over_threshold=torch.zeros(in_features, dtype=torch.int64),
+            rows=0,
+            threshold=threshold,
+            hessian=torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None,
+        )
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        mag = x2.abs().float()
+        self.absmax = torch.maximum(self.absmax, mag.amax(dim=0).cpu())
+        self.over_threshold += (mag >= self.threshold).sum(dim=0).cpu()
+        self.rows += x2.shape[0]
+        if self.hessian is not None:
+            xd = x2.double().cpu()
+            self.hessian += xd.t() @ xd
+
+    def outlier_channels(self, threshold: float) -> list[int]:
+        """LLM.int8() rule: channels whose magnitude ever reached ``threshold``."""
+        return (self.absmax >= threshold).nonzero().flatten().tolist()
+
+
+class Calibration:
+    """Per-site activation statistics; ``stats[fqn]`` for a weight FQN."""
+
+    def __init__(self, stats: Mapping[str, SiteStats] | None = None, *, source: str = "") -> None:
+        self.stats: dict[str, SiteStats] = dict(stats or {})
+        self.source = source
+
+    def __contains__(self, fqn: str) -> bool:
+        return fqn in self.stats
+
+    def __getitem__(self, fqn: str) -> SiteStats:
+        return self.stats[fqn]
+
+    def get(self, fqn: str) -> SiteStats | None:
+        return self.stats.get(fqn)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    def __repr__(self) -> str:
+        rows = max((s.rows for s in self.stats.values()), default=0)
+        return f"Calibration({len(self.stats)} sites, {rows} rows, source={self.source!r})"
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, dict] = {}
+        for fqn, s in self.stats.items():
+            tensors[f"{fqn}::absmax"] = s.absmax.contiguous().clone()
+            tensors[f"{fqn}::over_threshold"] = s.over_threshold.contiguous().clone()
+            if s.hessian is not None:
+                tensors[f"{fqn}::hessian"] = s.hessian.contiguous().clone()
+            meta[fqn] = {"rows": s.rows, "threshold": s.threshold}
+        header = {"format": "lowbit.calibration", "version": FORMAT_VERSION, "source": self.source}
+        save_file(tensors, os.fspath(path), metadata={"lowbit": json.dumps({**header, "sites": meta})})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"lowbit calibration file {path!r} does not exist")
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                header = json.loads((f.metadata() or {})["lowbit"])
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+            raise ValueError(
+                f"{path!r} is not a lowbit calibration file (expected one written by "
+                f"Calibration.save): {e}"
+            ) from None
+        if header.get("format") != "lowbit.calibration" or header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path!r}: unsupported calibration format {header.get('format')!r}")
+        stats = {}
+        for fqn, m in header["sites"].items():
+            try:
+                stats[fqn] = SiteStats(
+                    absmax=tensors[f"{fqn}::absmax"],
+                    over_threshold=tensors[f"{fqn}::over_threshold"],
+                    rows=int(m["rows"]),
+                    threshold=float(m["threshold"]),
+                    hessian=tensors.get(f"{fqn}::hessian"),
+                )
+            except KeyError as e:
+                raise ValueError(f"{path!r}: calibration file is incomplete, missing {e}") from None
+        return cls(stats, source=header.get("source", ""))
+
+
+def _as_call(batch):
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise ValueError(
+        "qcompile.calibrate: each batch must be a tensor of input ids, a dict of model keyword "
+        f"arguments, or a tuple of positional arguments; got {type(batch).__name__}"
+    )
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    threshold: float = 6.0,
+    hessian: bool = False,
+) -> Calibration:
+    """Run ``model`` on ``batches`` and record per-linear-site input statistics.
+
+    ``batches``: an iterable of input-id tensors, dicts of model kwargs, or tuples
+    of positional args. ``threshold``: the LLM.int8() outlier threshold counted in
+    ``SiteStats.over_threshold``. ``hessian``: also accumulate ``X^T X`` (GPTQ).
+    The model is run as it is (its train/eval mode and weights are not changed).
+    """
+    names_by_module: dict[torch.nn.Module, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, torch.nn.Linear):
+            names_by_module.setdefault(mod, []).append(f"{name}.weight" if name else "weight")
+    if not names_by_module:
+        raise ValueError("qcompile.calibrate: the model has no nn.Linear layers to calibrate")
+
+    per_module: dict[torch.nn.Module, SiteStats] = {}
+
+    def hook(mod, args):
+        x = args[0]
+        if mod not in per_module:
+            per_module[mod] = SiteStats.empty(x.shape[-1], threshold, hessian)
+        per_module[mod].update(x)
+
+    handles = [m.register_forward_pre_hook(hook) for m in names_by_module]
+    n = 0
+    try:
+        for batch in batches:
+            args, kwargs = _as_call(batch)
+            model(*args, **kwargs)
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("qcompile.calibrate: no batches were given")
+    stats = {name: s for mod, s in per_module.items() for name in names_by_module[mod]}
+    return Calibration(stats, source=f"calibrate({n} batches)")

@@ -1,0 +1,117 @@
+"""What the passes share: the linear sites of one graph and the compile context."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+from .calibration import SiteStats
+from .options import Options
+
+# dynamo source names look like L['self']._modules['model']._parameters['weight']
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+
+
+@dataclass
+class LinearSite:
+    """One ``F.linear`` call in the graph whose weight is a bound parameter."""
+
+    node: fx.Node
+    fqn: str  # weight FQN as the calling module names it (e.g. lm_head.weight)
+    param_fqn: str  # FQN of the placeholder dynamo lifted (tied weights share one)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scheme: str  # recipe name chosen for this site (recipe or override)
+    skip_reason: str | None = None  # why the site stays in full precision
+    outlier_channels: list[int] = field(default_factory=list)
+    weight_sqnr_db: float | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def module_fqn(self) -> str:
+        return self.fqn.rsplit(".", 1)[0] if "." in self.fqn else ""
+
+
+@dataclass
+class PassContext:
+    """State of one backend invocation (one dynamo graph)."""
+
+    options: Options
+    graph_index: int
+    sites: list[LinearSite] = field(default_factory=list)
+    param_fqns: dict[str, str] = field(default_factory=dict)  # placeholder name -> FQN
+    dataflow: nx.DiGraph = field(default_factory=nx.DiGraph)
+    stats: dict[str, SiteStats] = field(default_factory=dict)  # site fqn -> stats
+    stats_source: str = ""
+    target: str = "cpu"
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node or fqn, reason)
+
+    def site_of(self, node: fx.Node) -> LinearSite | None:
+        fqn = node.meta.get("lowbit.site")
+        return next((s for s in self.sites if s.fqn == fqn and s.node is node), None)
+
+
+def fqn_from_source(source_name: str) -> str | None:
+    """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``."""
+    if not source_name.startswith("L['self']"):
+        return None
+    rest = source_name[len("L['self']") :]
+    parts = []
+    pos = 0
+    while pos < len(rest):
+        m = _SOURCE_PART.match(rest, pos)
+        if m is None:
+            return None
+        parts.append(m.group(1) or m.group(2))
+        pos = m.end()
+    if parts and parts[0] == "_orig_mod":  # torch.compile(OptimizedModule) wrappers
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def module_fqn_from_stack(node: fx.Node) -> tuple[str, type] | None:
+    """Innermost module of ``node.meta['nn_module_stack']`` as (fqn, class)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    if not path.startswith("L['self']"):
+        return None
+    path = path[len("L['self']") :].lstrip(".")
+    # dynamo writes nested names as attribute paths, with indices as .0 or [0]
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).lstrip(".")
+    if path.startswith("_orig_mod."):
+        path = path[len("_orig_mod.") :]
+    return path, cls
+
+
+def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Store ``value`` as a new buffer of ``gm`` and return a get_attr node for it.
+
+    The buffer is registered in ``gm._param_name_to_source`` so inductor treats it
+    as a constant of the compiled graph (DESIGN.md §4).
+    """
+    from torch._dynamo.source import ConstantSource
+
+    base = re.sub(r"\W", "_", name)
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    gm.register_buffer(name, value.detach())
+    if getattr(gm, "_param_name_to_source", None) is None:
+        gm._param_name_to_source = {}
+    gm._param_name_to_source[name] = ConstantSource(name)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    return node

@@ -1,0 +1,93 @@
+"""The backend's options: one frozen, validated dataclass built from the user's dict.
+
+``torch.compile(model, backend="lowbit", options={...})`` hands the dict to
+``Options.parse``; unknown keys, recipe names or values raise ``ValueError``
+naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from .calibration import Calibration
+from .recipes import get_recipe
+
+TARGETS = ("auto", "cpu", "triton")
+OUTLIER_MODES = ("static", "dynamic")
+HANDOFFS = ("inductor", "eager")
+
+OPTION_HELP = {
+    "recipe": "recipe name for every linear site (default 'int8-mixed')",
+    "calibration": "a qcompile.Calibration or a path saved by Calibration.save "
+    "(default: calibrate on the example inputs, with a warning)",
+    "target": "'auto' (by the weights' device), 'cpu' or 'triton'",
+    "debug_dir": "folder for per-pass graph dumps and the explain report "
+    "(or env LOWBIT_DEBUG_DIR)",
+    "overrides": "dict from FQN glob to recipe name, e.g. {'lm_head': 'fp'}",
+    "threshold": "LLM.int8() outlier threshold on |activation| (default 6.0)",
+    "outlier_mode": "'static' (calibrated columns, default) or 'dynamic' (chosen per batch)",
+    "handoff": "'inductor' (default) or 'eager' (keep the lowered graph in Python, for debugging)",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    recipe: str = "int8-mixed"
+    calibration: Calibration | None = None
+    target: str = "auto"
+    debug_dir: str | None = None
+    overrides: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    threshold: float = 6.0
+    outlier_mode: str = "static"
+    handoff: str = "inductor"
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> Options:
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown lowbit option(s) {unknown}; valid options: "
+                + "; ".join(f"{k}: {OPTION_HELP[k]}" for k in valid)
+            )
+        get_recipe(options.get("recipe", cls.recipe))
+        _check_choice("target", options.get("target", cls.target), TARGETS)
+        _check_choice("outlier_mode", options.get("outlier_mode", cls.outlier_mode), OUTLIER_MODES)
+        _check_choice("handoff", options.get("handoff", cls.handoff), HANDOFFS)
+
+        overrides = options.get("overrides") or {}
+        if not isinstance(overrides, Mapping):
+            raise ValueError("lowbit option 'overrides' must be a dict from FQN glob to recipe name")
+        for glob, recipe in overrides.items():
+            if not isinstance(glob, str):
+                raise ValueError(f"lowbit override key {glob!r} must be a string FQN glob")
+            get_recipe(recipe)
+        options["overrides"] = MappingProxyType(dict(overrides))
+
+        threshold = options.get("threshold", cls.threshold)
+        if not isinstance(threshold, (int, float)) or threshold != threshold or threshold < 0:
+            raise ValueError(f"lowbit option 'threshold' must be a number >= 0, got {threshold!r}")
+        options["threshold"] = float(threshold)
+
+        calibration = options.get("calibration")
+        if calibration is not None and not isinstance(calibration, Calibration):
+            if isinstance(calibration, (str, os.PathLike)):
+                options["calibration"] = Calibration.load(calibration)
+            else:
+                raise ValueError(
+                    "lowbit option 'calibration' must be a qcompile.Calibration or the path "
+                    f"of one saved with Calibration.save, got {type(calibration).__name__}"
+                )
+        debug_dir = options.get("debug_dir") or os.environ.get("LOWBIT_DEBUG_DIR") or None
+        options["debug_dir"] = os.fspath(debug_dir) if debug_dir else None
+        return cls(**options)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"lowbit option {key!r} must be one of {list(choices)}, got {value!r}")

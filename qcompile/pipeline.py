@@ -1,0 +1,100 @@
+"""The ordered pass pipeline: one line per stage."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+
+from torch import fx
+
+from qcompile.passes.bind import bind
+from qcompile.passes.collect_stats import collect_stats
+from qcompile.passes.detect_outliers import detect_outliers
+from qcompile.passes.quantize_weights import quantize_weights
+from qcompile.passes.split_mixed_mm import split_mixed_mm
+
+from .context import PassContext
+from .debug import PassRunner
+from .options import Options
+from .recipes import get_recipe
+from .report import Report, SiteRow
+
+log = logging.getLogger("qcompile")
+_graph_counter = itertools.count()
+# Reports of the graphs compiled in this process, newest last (qcompile.compiled_reports()).
+REPORTS: deque[Report] = deque(maxlen=256)
+
+
+def run_pipeline(
+    gm: fx.GraphModule, example_inputs, options: Options, *, lower_to_target: bool = True
+) -> Report:
+    """Rewrite ``gm`` in place through every lowbit pass; return what was done."""
+    ctx = PassContext(options, graph_index=next(_graph_counter))
+    runner = PassRunner(options.debug_dir, ctx.graph_index)
+    runner.run("bind", bind, gm, ctx)  # placeholders -> FQNs, linear sites, dataflow graph
+    ctx.target = resolve_target(options.target, ctx)
+    runner.run("collect_stats", collect_stats, gm, ctx, example_inputs)  # calibration per site
+    runner.run("detect_outliers", detect_outliers, gm, ctx)  # LLM.int8() outlier columns
+    runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # outlier columns -> fp partial
+    runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
+    if lower_to_target:
+        from qcompile.lowering.lower import lower
+
+        runner.run("lower", lower, gm, ctx)  # lowbit ops -> cpu / triton kernels
+    gm.graph.lint()
+
+    report = build_report(ctx, runner)
+    runner.write_report(report)
+    REPORTS.append(report)
+    _log_summary(report)
+    return report
+
+
+def resolve_target(target: str, ctx: PassContext) -> str:
+    if target != "auto":
+        return target
+    on_gpu = any(s.weight.device.type == "cuda" for s in ctx.sites)
+    return "triton" if on_gpu else "cpu"
+
+
+def build_report(ctx: PassContext, runner: PassRunner) -> Report:
+    rows = []
+    for s in ctx.sites:
+        reason = s.skip_reason
+        if reason is None and not get_recipe(s.scheme).quantize:
+            reason = f"recipe {s.scheme!r}" + (
+                " (override)" if s.scheme != ctx.options.recipe else ""
+            )
+        rows.append(
+            SiteRow(
+                fqn=s.fqn,
+                in_features=s.in_features,
+                out_features=s.out_features,
+                scheme=s.scheme,
+                outlier_channels=list(s.outlier_channels),
+                weight_sqnr_db=s.weight_sqnr_db,
+                fp_reason=reason,
+                graph=ctx.graph_index,
+            )
+        )
+    calib = ctx.options.calibration
+    return Report(
+        sites=rows,
+        unsupported=list(ctx.unsupported),
+        pass_times=dict(runner.times),
+        pass_rewrites=dict(runner.rewrites),
+        target=ctx.target,
+        calibration=calib.source if calib is not None else "example inputs",
+    )
+
+
+def _log_summary(report: Report) -> None:
+    unexpected = {k: v for k, v in report.left_in_fp.items() if not k.startswith("recipe ")}
+    if unexpected:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
+
+
+__all__ = ["run_pipeline", "REPORTS"]

@@ -1,0 +1,56 @@
+"""Quantization recipes: what a recipe name means for one linear site.
+
+A recipe is data, not code: the passes read these fields. Recipe names are the
+user-facing strings of ``options["recipe"]`` and of ``options["overrides"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    quantize: bool  # False: the site keeps its full-precision linear
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    mixed: bool = False  # LLM.int8() split: outlier columns stay in full precision
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "int8-mixed",
+            "LLM.int8(): vector-wise int8 (per-token activations, per-channel weights); "
+            "outlier feature columns multiplied in full precision",
+            quantize=True,
+            weight_bits=8,
+            act_bits=8,
+            mixed=True,
+        ),
+        Recipe(
+            "w8a8",
+            "vector-wise int8 (per-token activations, per-channel weights), no outlier split",
+            quantize=True,
+            weight_bits=8,
+            act_bits=8,
+        ),
+        Recipe(
+            "fp",
+            "analysis only: every pass runs, nothing is quantized (output equals the eager model)",
+            quantize=False,
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown lowbit recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}"
+        ) from None

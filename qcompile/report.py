@@ -1,0 +1,111 @@
+"""The explain report: one row per linear site, plus what stayed in full precision and why."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SiteRow:
+    fqn: str
+    in_features: int
+    out_features: int
+    scheme: str  # recipe applied ("fp" when the site stays in full precision)
+    outlier_channels: list[int]
+    weight_sqnr_db: float | None
+    fp_reason: str | None = None  # why the site is not quantized
+    graph: int = 0
+
+
+@dataclass
+class Report:
+    sites: list[SiteRow] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # linear calls not bound
+    pass_times: dict[str, float] = field(default_factory=dict)  # seconds, summed over graphs
+    pass_rewrites: dict[str, int] = field(default_factory=dict)
+    target: str = ""
+    calibration: str = ""
+    graphs: int = 1
+
+    @property
+    def quantized(self) -> list[SiteRow]:
+        return [r for r in self.sites if r.fp_reason is None]
+
+    @property
+    def left_in_fp(self) -> Counter:
+        """Reason -> number of sites (and unbound linear calls) left in full precision."""
+        c = Counter(r.fp_reason for r in self.sites if r.fp_reason is not None)
+        c.update(reason for _, reason in self.unsupported)
+        return c
+
+    @property
+    def pass_seconds(self) -> float:
+        return sum(self.pass_times.values())
+
+    @classmethod
+    def merge(cls, reports: list[Report]) -> Report:
+        out = cls(graphs=len(reports))
+        for r in reports:
+            out.sites += r.sites
+            out.unsupported += r.unsupported
+            for k, v in r.pass_times.items():
+                out.pass_times[k] = out.pass_times.get(k, 0.0) + v
+            for k, v in r.pass_rewrites.items():
+                out.pass_rewrites[k] = out.pass_rewrites.get(k, 0) + v
+            out.target = out.target or r.target
+            out.calibration = out.calibration or r.calibration
+        return out
+
+    def to_json(self) -> str:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        rows = [{k: clean(v) for k, v in asdict(r).items()} for r in self.sites]
+        return json.dumps(
+            {
+                "target": self.target,
+                "calibration": self.calibration,
+                "graphs": self.graphs,
+                "sites": rows,
+                "unsupported": self.unsupported,
+                "left_in_fp": dict(self.left_in_fp),
+                "pass_times_s": self.pass_times,
+                "pass_rewrites": self.pass_rewrites,
+            },
+            indent=1,
+        )
+
+    def summary(self) -> str:
+        n, q = len(self.sites) + len(self.unsupported), len(self.quantized)
+        lines = [f"lowbit: {q} of {n} linear sites quantized (target {self.target})"]
+        for reason, count in sorted(self.left_in_fp.items()):
+            lines.append(f"  left in full precision: {count} x {reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = ("site", "in", "out", "scheme", "#outl", "outlier channels", "w SQNR dB")
+        body = []
+        for r in self.sites:
+            ch = ",".join(map(str, r.outlier_channels[:6])) + (
+                ",…" if len(r.outlier_channels) > 6 else ""
+            )
+            sq = "" if r.weight_sqnr_db is None else f"{r.weight_sqnr_db:.1f}"
+            scheme = r.scheme if r.fp_reason is None else f"fp ({r.fp_reason})"
+            body.append(
+                (r.fqn, str(r.in_features), str(r.out_features), scheme,
+                 str(len(r.outlier_channels)), ch, sq)
+            )  # fmt: skip
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        fmt = "  ".join(f"{{:{'<' if i in (0, 3, 5) else '>'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        lines += ["", self.summary()]
+        if self.pass_times:
+            lines.append(
+                "  pass time: "
+                + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_times.items())
+            )
+        return "\n".join(lines)
