@@ -91,7 +91,9 @@ class Calibration:
                 tensors[f"{fqn}::hessian"] = s.hessian.contiguous().clone()
             meta[fqn] = {"rows": s.rows, "threshold": s.threshold}
         header = {"format": "lowbit.calibration", "version": FORMAT_VERSION, "source": self.source}
-        save_file(tensors, os.fspath(path), metadata={"lowbit": json.dumps({**header, "sites": meta})})
+        save_file(
+            tensors, os.fspath(path), metadata={"lowbit": json.dumps({**header, "sites": meta})}
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

@@ -81,5 +81,3 @@ class PassRunner:
         if self.dir is not None:
             (self.dir / "report.txt").write_text(str(report) + "\n")
             (self.dir / "report.json").write_text(report.to_json() + "\n")
-
-

@@ -25,8 +25,7 @@ OPTION_HELP = {
     "calibration": "a qcompile.Calibration or a path saved by Calibration.save "
     "(default: calibrate on the example inputs, with a warning)",
     "target": "'auto' (by the weights' device), 'cpu' or 'triton'",
-    "debug_dir": "folder for per-pass graph dumps and the explain report "
-    "(or env LOWBIT_DEBUG_DIR)",
+    "debug_dir": "folder for per-pass graph dumps and the explain report (or env LOWBIT_DEBUG_DIR)",
     "overrides": "dict from FQN glob to recipe name, e.g. {'lm_head': 'fp'}",
     "threshold": "LLM.int8() outlier threshold on |activation| (default 6.0)",
     "outlier_mode": "'static' (calibrated columns, default) or 'dynamic' (chosen per batch)",
@@ -62,7 +61,9 @@ class Options:
 
         overrides = options.get("overrides") or {}
         if not isinstance(overrides, Mapping):
-            raise ValueError("lowbit option 'overrides' must be a dict from FQN glob to recipe name")
+            raise ValueError(
+                "lowbit option 'overrides' must be a dict from FQN glob to recipe name"
+            )
         for glob, recipe in overrides.items():
             if not isinstance(glob, str):
                 raise ValueError(f"lowbit override key {glob!r} must be a string FQN glob")

@@ -1,0 +1,72 @@
+"""The lowbit demo on SmolLM2-135M: calibrate, explain, compile, generate, compare perplexity.
+
+scripts/dev.sh demo            # or: .venv/bin/python -m qcompile.demo [--handoff eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+import qcompile
+from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
+from qcompile.smollm2 import load_smollm2
+
+PROMPT = "The Python language reference says that a function definition"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--recipe", default="int8-mixed", choices=sorted(qcompile.RECIPES))
+    ap.add_argument("--handoff", default="inductor", choices=["inductor", "eager"])
+    ap.add_argument("--tokens", type=int, default=2048, help="perplexity tokens (default 2048)")
+    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--debug-dir", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f} s")
+
+    t0 = time.perf_counter()
+    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=4, seq_len=256))
+    print(f"calibrated on 4 x 256 tokens in {time.perf_counter() - t0:.1f} s")
+    options = {
+        "recipe": args.recipe,
+        "calibration": calibration,
+        "handoff": args.handoff,
+        "debug_dir": args.debug_dir,
+    }
+
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    print("\n== what lowbit will do (qcompile.explain) ==")
+    print(qcompile.explain(model, prompt, options=options))
+
+    tokens = dev_tokens(tok, args.tokens)
+    with torch.no_grad():
+        fp_ppl = perplexity(model, tokens)
+        fp_gen = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+
+    print(f"\n== compiling with backend='lowbit', recipe {args.recipe!r} ({args.handoff}) ==")
+    model.compile(backend="lowbit", options=options)  # in place: generate() uses it
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        q_ppl = perplexity(model, tokens)
+        print(f"quantized perplexity (incl. compile) took {time.perf_counter() - t0:.1f} s")
+        q_gen = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+
+    text = tok.decode(q_gen[0, prompt.shape[1] :], skip_special_tokens=True)
+    same = torch.equal(fp_gen, q_gen)
+    print(f"\n== greedy completion ({args.recipe}) ==\n{PROMPT}{text}")
+    print(f"(same tokens as the fp model: {same})")
+    print(f"\n== perplexity on {args.tokens} tokens of pydoc_data.topics (context 512) ==")
+    print(f"fp32 eager     {fp_ppl:8.3f}")
+    print(f"{args.recipe:<14} {q_ppl:8.3f}  ({(q_ppl / fp_ppl - 1) * 100:+.2f}%)")
+
+
+if __name__ == "__main__":
+    main()

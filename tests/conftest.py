@@ -1,0 +1,18 @@
+import os
+
+# The Triton kernels run on CPU tensors only under the Triton interpreter, which
+# must be enabled before triton is first imported (i.e. before test collection).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Reset dynamo before and after a test that compiles: its recompile limit (8)
+    would otherwise make later compiles of the same model class run eagerly."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

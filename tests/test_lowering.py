@@ -1,0 +1,80 @@
+"""Lowering: the same quantized graph on the cpu and triton targets, and generation."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qcompile
+
+
+def tiny_llama(seed=0, layers=1, hidden=40, tied=True):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=72,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def lowered_ops(report_index=-1):
+    return qcompile.compiled_reports()[report_index]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_triton_target_matches_cpu_target_under_interpreter():
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        cal = qcompile.calibrate(model, [ids])
+        outs = {}
+        for target in ("cpu", "triton"):
+            torch._dynamo.reset()
+            opts = {"calibration": cal, "target": target, "handoff": "eager", "threshold": 0.3}
+            outs[target] = torch.compile(model, backend="lowbit", options=opts)(ids).logits
+            report = qcompile.compiled_reports()[-1]
+            assert report.target == target
+            assert report.pass_rewrites["lower"] == 2 * len(report.quantized) > 0
+            assert any(r.outlier_channels for r in report.sites)
+    # integer GEMMs are exact on both targets; only the float epilogue's rounding may differ
+    torch.testing.assert_close(outs["triton"], outs["cpu"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_generate_matches_eager_and_compiles_prefill_and_decode():
+    model = tiny_llama(seed=1, layers=2)
+    prompt = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        cal = qcompile.calibrate(model, [torch.randint(0, 96, (1, 32))])
+        n_before = len(qcompile.compiled_reports())
+        model.compile(backend="lowbit", options={"calibration": cal, "handoff": "eager"})
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    reports = qcompile.compiled_reports()[n_before:]
+    assert len(reports) >= 2, "expected a prefill graph and at least one decode graph"
+    assert all(len(r.quantized) == 2 * 7 + 1 for r in reports)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_recompile_limit_is_reported_loudly(monkeypatch, caplog):
+    model = tiny_llama(seed=2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    compiled = torch.compile(model, backend="lowbit", options={"handoff": "eager"}, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        caplog.set_level(logging.ERROR, logger="qcompile")
+        compiled(torch.randint(0, 96, (1, 8)))
+        compiled(torch.randint(0, 96, (1, 9)))  # new static shape: over the limit
+    loud = [w for w in caught if issubclass(w.category, qcompile.LowbitRecompileWarning)]
+    assert loud and "ORIGINAL full-precision weights" in str(loud[0].message)
+    assert any("recompile limit" in r.getMessage() for r in caplog.records)
