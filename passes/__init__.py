@@ -1,9 +1,18 @@
 """qcompile.passes (lives in ./passes, mapped by pyproject's package-dir)."""
 
-if (
-    __name__ != "qcompile.passes"
-):  # pragma: no cover - guard against `import passes` from the repo root
-    raise ImportError(
-        f"this folder must be imported as 'qcompile.passes', not '{__name__}'; "
-        "install the project (scripts/dev.sh) and run plain 'pytest' from the repository root"
+if __name__ != "qcompile.passes":
+    # Imported as top-level `passes` because the repository root is on sys.path. Stay an
+    # empty shell that refuses to be used: no __file__ or __version__, so a library
+    # probing for an installed `passes` package (transformers does for `kernels`) sees
+    # "not installed" instead of crashing, and any attribute access fails clearly.
+    __file__ = None
+    _WRONG_NAME = (
+        f"this folder must be imported as 'qcompile.passes', not '{__name__}'; install the "
+        "project (scripts/dev.sh) and do not put the repository root on sys.path "
+        "(run plain 'pytest', not 'python -m pytest')"
     )
+
+    def __getattr__(name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise ImportError(_WRONG_NAME)
