@@ -12,6 +12,7 @@ import torch
 
 from . import cpu_int8
 from . import reference as ref
+from . import weight_only_reference as wo_ref
 
 
 @torch.library.custom_op("lowbit::quantize_rows", mutates_args=())
@@ -81,3 +82,22 @@ def int8_mixed_linear_dynamic(
 @int8_mixed_linear_dynamic.register_fake
 def _(x, w_q, w_scale, bias, threshold):
     return torch.empty((*x.shape[:-1], w_q.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("lowbit::dequant_linear", mutates_args=())
+def dequant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Weight-only low-bit linear; see ``weight_only_reference.dequant_linear``."""
+    return wo_ref.dequant_linear(x, packed, scales, zeros, bits, group_size, bias)
+
+
+@dequant_linear.register_fake
+def _(x, packed, scales, zeros, bias, bits, group_size):
+    return torch.empty((*x.shape[:-1], scales.shape[0]), dtype=x.dtype, device=x.device)

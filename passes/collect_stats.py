@@ -18,6 +18,7 @@ from torch import fx
 
 from qcompile.calibration import SiteStats
 from qcompile.context import PassContext
+from qcompile.recipes import get_recipe
 
 log = logging.getLogger("qcompile")
 
@@ -25,6 +26,7 @@ log = logging.getLogger("qcompile")
 def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
     calibration = ctx.options.calibration
     missing = []
+    needs_hessian = {s.fqn for s in ctx.sites if get_recipe(s.scheme).gptq}
     for site in ctx.sites:
         if site.skip_reason:
             continue
@@ -35,6 +37,11 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
             raise ValueError(
                 f"lowbit: the calibration for {site.fqn} has {stats.absmax.numel()} input "
                 f"channels but the layer has {site.in_features}; was it recorded on another model?"
+            )
+        if stats is not None and site.fqn in needs_hessian and stats.hessian is None:
+            raise ValueError(
+                f"lowbit: recipe {site.scheme!r} of {site.fqn} needs the inputs' Hessian (X^T X); "
+                "calibrate with qcompile.calibrate(model, batches, hessian=True)"
             )
         if stats is None:
             missing.append(site)
@@ -56,12 +63,16 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
             where,
             _describe(example_inputs),
         )
-    recorded = record_site_inputs(gm, example_inputs, missing, ctx.options.threshold)
+    recorded = record_site_inputs(
+        gm, example_inputs, missing, ctx.options.threshold, hessian_for=needs_hessian
+    )
     ctx.stats.update(recorded)
     return len(recorded)
 
 
-def record_site_inputs(gm, example_inputs, sites, threshold: float) -> dict[str, SiteStats]:
+def record_site_inputs(
+    gm, example_inputs, sites, threshold: float, hessian_for=frozenset()
+) -> dict[str, SiteStats]:
     """Run ``gm`` on ``example_inputs`` and record the inputs of ``sites``' linears."""
     wanted = {site.node: site for site in sites}
     stats: dict[str, SiteStats] = {}
@@ -71,7 +82,11 @@ def record_site_inputs(gm, example_inputs, sites, threshold: float) -> dict[str,
             if n in wanted:
                 x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
                 site = wanted[n]
-                s = stats.setdefault(site.fqn, SiteStats.empty(site.in_features, threshold, False))
+                if site.fqn not in stats:
+                    stats[site.fqn] = SiteStats.empty(
+                        site.in_features, threshold, hessian=site.fqn in hessian_for
+                    )
+                s = stats[site.fqn]
                 s.update(x)
             return super().run_node(n)
 

@@ -1,7 +1,7 @@
 """quantize_weights: int8 per-output-channel weights and per-token int8 activations.
 
 Precondition: ``split_mixed_mm`` ran (sites of mixed recipes may be split).
-Rewrite, per site whose recipe quantizes:
+Rewrite, per site whose recipe is int8 weights and int8 activations:
 
     linear(x, W, b) [+ partial]
  -> q, s = lowbit.quantize_rows(x, inlier_mask)
@@ -36,7 +36,11 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for site in ctx.sites:
         recipe = get_recipe(site.scheme)
-        if site.skip_reason or not recipe.quantize:
+        if (
+            site.skip_reason
+            or not recipe.quantize
+            or (recipe.weight_bits, recipe.act_bits) != (8, 8)
+        ):
             continue
         node = site.node
         g = gm.graph
@@ -46,6 +50,10 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
         w_q, w_scale = quantize_weight_per_channel(w)
         site.weight_sqnr_db = _sqnr_db(site.weight, w_q, w_scale, site.outlier_channels)
+        site.method = "absmax int8" + (" + fp outliers" if site.outlier_channels else "")
+        site.bits_per_weight = _bits_per_weight(
+            site.in_features, len(site.outlier_channels), site.weight.element_size()
+        )
 
         out_val = node.meta.get("example_value")
         out_dtype = out_val.dtype if out_val is not None else site.weight.dtype
@@ -97,3 +105,8 @@ def _sqnr_db(w: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, exact_co
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise)
+
+
+def _bits_per_weight(k: int, n_outliers: int, fp_bytes: int) -> float:
+    """int8 inliers + full-precision outlier columns + one fp32 scale per output row."""
+    return (8 * (k - n_outliers) + 8 * fp_bytes * n_outliers + 32) / k

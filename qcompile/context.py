@@ -29,6 +29,8 @@ class LinearSite:
     skip_reason: str | None = None  # why the site stays in full precision
     outlier_channels: list[int] = field(default_factory=list)
     weight_sqnr_db: float | None = None
+    bits_per_weight: float | None = None  # storage incl. scales / zero points
+    method: str | None = None  # how the weight was quantized (rtn, gptq, absmax)
 
     @property
     def in_features(self) -> int:

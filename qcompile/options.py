@@ -30,7 +30,10 @@ OPTION_HELP = {
     "threshold": "LLM.int8() outlier threshold on |activation| (default 6.0)",
     "outlier_mode": "'static' (calibrated columns, default) or 'dynamic' (chosen per batch)",
     "handoff": "'inductor' (default) or 'eager' (keep the lowered graph in Python, for debugging)",
+    "gptq": "GPTQ settings for '-gptq' recipes: {'act_order': True, 'damp': 0.01, "
+    "'block_size': 128}",
 }
+GPTQ_DEFAULTS = {"act_order": True, "damp": 0.01, "block_size": 128}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Options:
     threshold: float = 6.0
     outlier_mode: str = "static"
     handoff: str = "inductor"
+    gptq: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType(dict(GPTQ_DEFAULTS)))
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> Options:
@@ -84,6 +88,7 @@ class Options:
                     "lowbit option 'calibration' must be a qcompile.Calibration or the path "
                     f"of one saved with Calibration.save, got {type(calibration).__name__}"
                 )
+        options["gptq"] = MappingProxyType(_parse_gptq(options.get("gptq")))
         debug_dir = options.get("debug_dir") or os.environ.get("LOWBIT_DEBUG_DIR") or None
         options["debug_dir"] = os.fspath(debug_dir) if debug_dir else None
         return cls(**options)
@@ -92,3 +97,18 @@ class Options:
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"lowbit option {key!r} must be one of {list(choices)}, got {value!r}")
+
+
+def _parse_gptq(value: Any) -> dict:
+    value = dict(value or {})
+    unknown = sorted(set(value) - set(GPTQ_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown lowbit gptq option(s) {unknown}; valid: {sorted(GPTQ_DEFAULTS)}")
+    out = {**GPTQ_DEFAULTS, **value}
+    if not isinstance(out["act_order"], bool):
+        raise ValueError("lowbit gptq option 'act_order' must be True or False")
+    if not (isinstance(out["damp"], (int, float)) and 0 < out["damp"] < 1):
+        raise ValueError(f"lowbit gptq option 'damp' must be in (0, 1), got {out['damp']!r}")
+    if not (isinstance(out["block_size"], int) and out["block_size"] > 0):
+        raise ValueError("lowbit gptq option 'block_size' must be a positive int")
+    return out

@@ -11,6 +11,7 @@ from torch import fx
 from qcompile.passes.bind import bind
 from qcompile.passes.collect_stats import collect_stats
 from qcompile.passes.detect_outliers import detect_outliers
+from qcompile.passes.quantize_weight_only import quantize_weight_only
 from qcompile.passes.quantize_weights import quantize_weights
 from qcompile.passes.split_mixed_mm import split_mixed_mm
 
@@ -38,6 +39,7 @@ def run_pipeline(
     runner.run("detect_outliers", detect_outliers, gm, ctx)  # LLM.int8() outlier columns
     runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # outlier columns -> fp partial
     runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
+    runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # packed low-bit weights
     if lower_to_target:
         from qcompile.lowering.lower import lower
 
@@ -75,6 +77,8 @@ def build_report(ctx: PassContext, runner: PassRunner) -> Report:
                 outlier_channels=list(s.outlier_channels),
                 weight_sqnr_db=s.weight_sqnr_db,
                 fp_reason=reason,
+                bits_per_weight=s.bits_per_weight,
+                method=s.method,
                 graph=ctx.graph_index,
             )
         )

@@ -17,6 +17,12 @@ class Recipe:
     weight_bits: int | None = None
     act_bits: int | None = None
     mixed: bool = False  # LLM.int8() split: outlier columns stay in full precision
+    group_size: int | None = None  # weight-only: input channels per scale / zero point
+    gptq: bool = False  # weight-only: GPTQ error compensation instead of round-to-nearest
+
+    @property
+    def weight_only(self) -> bool:
+        return self.quantize and self.act_bits is None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -45,6 +51,22 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+
+# Weight-only, group-wise, asymmetric: "w{bits}a16-g{group}" (RTN) and "...-gptq".
+for _bits in (8, 4, 3, 2):
+    for _group in (32, 64, 128):
+        for _gptq in (False, True):
+            _name = f"w{_bits}a16-g{_group}" + ("-gptq" if _gptq else "")
+            RECIPES[_name] = Recipe(
+                _name,
+                f"weight-only {_bits}-bit, asymmetric, groups of {_group} input channels, "
+                + ("GPTQ (Hessian from calibration)" if _gptq else "round-to-nearest")
+                + "; activations stay in their dtype",
+                quantize=True,
+                weight_bits=_bits,
+                group_size=_group,
+                gptq=_gptq,
+            )
 
 
 def get_recipe(name: str) -> Recipe:

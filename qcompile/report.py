@@ -17,6 +17,8 @@ class SiteRow:
     outlier_channels: list[int]
     weight_sqnr_db: float | None
     fp_reason: str | None = None  # why the site is not quantized
+    bits_per_weight: float | None = None  # weight storage incl. scales (None: full precision)
+    method: str | None = None
     graph: int = 0
 
 

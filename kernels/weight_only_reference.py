@@ -1,0 +1,152 @@
+"""Reference numerics of weight-only low-bit quantization (recipes ``w{8,4,3,2}a16-g{G}``).
+
+Every weight-only kernel (``triton_dequant_gemm``, ``cpu_weight_only``) is
+tested against the functions here.
+
+Convention: asymmetric, group-wise along K (input channels), round to nearest
+------------------------------------------------------------------------------
+For a weight ``w[N, K]`` and group size ``G`` (``K % G == 0``), group
+``g = k // G`` of row ``n`` has a scale ``s[n, g] > 0`` and an integer zero
+point ``z[n, g]`` in ``[0, 2**bits - 1]``; codes ``q`` are unsigned and
+
+    w[n, k]  ~=  (q[n, k] - z[n, k // G]) * s[n, k // G]
+
+Parameters (``compute_qparams``), in float64, with ``qmax = 2**bits - 1``:
+
+    lo = min(min(w_group), 0); hi = max(max(w_group), 0)   # the grid contains 0
+    s  = (hi - lo) / qmax, clamped below by finfo(scale_dtype).tiny,
+         then rounded to ``scale_dtype`` *upwards* (never smaller than the
+         float64 value, so the stored grid still spans [lo, hi])
+    z  = clamp(round(-lo / s), 0, qmax)             (s: the stored scale)
+
+Codes (``quantize_with_qparams``): ``q = clamp(round(w / s) + z, 0, qmax)``
+in float64 with the stored ``s``. Including 0 in the range (as GPTQ's
+quantizer does) keeps ``z`` on the grid without clamping, so every element
+satisfies ``|w - (q - z) * s| <= s / 2`` exactly in real arithmetic; with
+float64 arithmetic and a float32 dequantization, the bound holds up to
+``1e-6 * |w|``. ``s`` and ``z`` are stored in ``scale_dtype`` — the activation
+dtype (fp16 / bf16 / fp32); zero points 0..255 are exact in all three.
+
+API
+---
+``compute_qparams(w, bits, group_size, scale_dtype=torch.float32) -> (scales, zeros)``
+    ``w [N, K]`` float -> ``scales, zeros [N, K // G]`` in ``scale_dtype``.
+``quantize_with_qparams(w, scales, zeros, bits, group_size) -> q uint8 [N, K]``
+    Codes for given parameters (GPTQ quantizes column slices with it: pass a
+    ``[N, c]`` slice of ``w``, the matching ``[N, c // G]`` parameter columns, or
+    ``group_size=c`` with one parameter column).
+``quantize_groupwise(w, bits, group_size, scale_dtype=torch.float32) -> (q, scales, zeros)``
+    RTN: ``compute_qparams`` then ``quantize_with_qparams``.
+``dequantize_groupwise(q, scales, zeros, group_size, dtype=None) -> w_hat [N, K]``
+    ``(q - z) * s`` computed in float32, returned in ``dtype`` (default
+    ``scales.dtype``).
+``dequant_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> y [..., N]``
+    The reference low-bit linear: unpack, ``W = dequantize_groupwise(...,
+    dtype=x.dtype)`` (the weight a dequantizing kernel feeds its GEMM), then
+    ``y = (x.float() @ W.float().T + bias.float()).to(x.dtype)`` — float32
+    accumulation, one rounding at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import SUPPORTED_BITS, unpack
+
+
+def _check(bits: int, group_size: int, k: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"group_size {group_size} must be positive and divide K={k}")
+
+
+def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    return p.repeat_interleave(group_size, dim=1)
+
+
+def _round_up_to(s64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float64 ``s64`` to ``dtype`` rounding toward +inf."""
+    s = s64.to(dtype)
+    low = s.double() < s64
+    if bool(low.any()):
+        s = torch.where(low, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return s
+
+
+def compute_qparams(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max parameters per group; see the module docstring."""
+    n, k = w.shape
+    _check(bits, group_size, k)
+    qmax = (1 << bits) - 1
+    wg = w.detach().double().reshape(n, k // group_size, group_size)
+    lo = wg.amin(dim=-1).clamp(max=0.0)
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    s64 = ((hi - lo) / qmax).clamp(min=torch.finfo(scale_dtype).tiny)
+    scales = _round_up_to(s64, scale_dtype)
+    zeros = torch.round(-lo / scales.double()).clamp(0, qmax)
+    return scales, zeros.to(scale_dtype)
+
+
+def quantize_with_qparams(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` in float64, as uint8 ``[N, K]``."""
+    _check(bits, group_size, w.shape[1])
+    qmax = (1 << bits) - 1
+    s = _expand(scales.double(), group_size)
+    z = _expand(zeros.double(), group_size)
+    q = torch.round(w.detach().double() / s) + z
+    return q.clamp_(0, qmax).to(torch.uint8)
+
+
+def quantize_groupwise(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN group-wise quantization: ``(q uint8 [N, K], scales [N, K//G], zeros [N, K//G])``."""
+    scales, zeros = compute_qparams(w, bits, group_size, scale_dtype)
+    return quantize_with_qparams(w, scales, zeros, bits, group_size), scales, zeros
+
+
+def dequantize_groupwise(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(q - z) * s`` in float32, returned in ``dtype`` (default: the scales' dtype)."""
+    s = _expand(scales.float(), group_size)
+    z = _expand(zeros.float(), group_size)
+    return ((q.float() - z) * s).to(dtype or scales.dtype)
+
+
+def dequant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference weight-only linear ``x[..., K] @ W^T + bias -> [..., N]`` in x's dtype."""
+    k = x.shape[-1]
+    _check(bits, group_size, k)
+    q = unpack(packed, bits, k)
+    w = dequantize_groupwise(q, scales, zeros, group_size, dtype=x.dtype)
+    y = x.reshape(-1, k).float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+
+
+__all__ = [
+    "compute_qparams",
+    "quantize_with_qparams",
+    "quantize_groupwise",
+    "dequantize_groupwise",
+    "dequant_linear",
+]

@@ -1,0 +1,115 @@
+"""quantize_weight_only: group-wise low-bit weights (RTN or GPTQ), packed.
+
+Precondition: ``collect_stats`` ran; a GPTQ recipe's sites have a Hessian.
+Rewrite, per site whose recipe is weight-only (``w{bits}a16-g{G}[-gptq]``):
+
+    linear(x, W, b)  ->  lowbit.dequant_linear(x, packed, scales, zeros, b, bits, G)
+
+``W ≈ (q - zeros) * scales`` per group of ``G`` input channels
+(``qcompile.kernels.weight_only_reference``), ``q`` packed densely along K
+(``qcompile.kernels.packing``; 3 bits without padding), scales and zero points
+stored in the activation dtype. GPTQ (``qcompile.gptq``) uses the calibrated
+``X^T X``; the result with the lower calibration reconstruction error is kept
+(GPTQ, or RTN where GPTQ did not help), and the report says which.
+Numerical contract: RTN is within half a quantization step per element.
+A group size that does not divide a site's ``in_features`` is a ``ValueError``
+naming the site and the group sizes that would work (override the site).
+Returns the number of sites quantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from qcompile.context import PassContext, add_constant
+from qcompile.gptq import gptq_quantize, reconstruction_error
+from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
+from qcompile.kernels.packing import pack, packed_bits_per_weight
+from qcompile.kernels.weight_only_reference import dequantize_groupwise, quantize_groupwise
+from qcompile.recipes import get_recipe
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
+    sites = [s for s in ctx.sites if not s.skip_reason and get_recipe(s.scheme).weight_only]
+    for site in sites:
+        check_group_size(site.fqn, site.in_features, get_recipe(site.scheme))
+    g = gm.graph
+    for site in sites:
+        recipe = get_recipe(site.scheme)
+        node = site.node
+        bits, group = recipe.weight_bits, recipe.group_size
+        out_val = node.meta.get("example_value")
+        act_dtype = out_val.dtype if out_val is not None else site.weight.dtype
+        q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)
+        site.weight_sqnr_db = _sqnr_db(site.weight, q, scales, zeros, group)
+        site.bits_per_weight = packed_bits_per_weight(bits, group, scales.element_size())
+        site.method = method
+
+        packed_node = add_constant(gm, f"lowbit_{site.fqn}_packed{bits}", pack(q, bits), node)
+        s_node = add_constant(gm, f"lowbit_{site.fqn}_scales", scales, node)
+        z_node = add_constant(gm, f"lowbit_{site.fqn}_zeros", zeros, node)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with g.inserting_before(node):
+            y = g.call_function(
+                torch.ops.lowbit.dequant_linear.default,
+                (node.args[0], packed_node, s_node, z_node, bias, bits, group),
+            )
+        y.meta.update(node.meta)
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        site.node = y
+    gm.recompile()
+    return len(sites)
+
+
+def check_group_size(fqn: str, in_features: int, recipe) -> None:
+    if in_features % recipe.group_size == 0:
+        return
+    fits = [gs for gs in GROUP_SIZES if in_features % gs == 0]
+    suggestion = (
+        f"group sizes that divide it: {fits}; e.g. options['overrides'] = "
+        f"{{{fqn.rsplit('.', 1)[0]!r}: 'w{recipe.weight_bits}a16-g{fits[-1]}'}}"
+        if fits
+        else "no supported group size divides it; override the site to 'fp'"
+    )
+    raise ValueError(
+        f"lowbit: recipe {recipe.name!r} needs in_features divisible by {recipe.group_size}, "
+        f"but {fqn} has in_features={in_features}; {suggestion}"
+    )
+
+
+def quantize_site(site, ctx: PassContext, bits: int, group: int, act_dtype: torch.dtype):
+    """``(q uint8, scales, zeros, method)``: RTN, or GPTQ when the recipe asks and it helps."""
+    w = site.weight.detach()
+    q, scales, zeros = quantize_groupwise(w, bits, group, scale_dtype=act_dtype)
+    if not get_recipe(site.scheme).gptq:
+        return q, scales, zeros, "rtn"
+    hessian = ctx.stats[site.fqn].hessian
+    gopts = ctx.options.gptq
+    result = gptq_quantize(
+        w,
+        hessian,
+        bits,
+        group,
+        damp=gopts["damp"],
+        act_order=gopts["act_order"],
+        block_size=gopts["block_size"],
+        scale_dtype=act_dtype,
+    )
+    rtn_error = reconstruction_error(
+        w, dequantize_groupwise(q, scales, zeros, group, dtype=torch.float64), hessian
+    )
+    if result.error <= rtn_error:
+        return result.q, result.scales, result.zeros, "gptq"
+    return q, scales, zeros, "rtn (gptq did not reduce the error)"
+
+
+def _sqnr_db(w, q, scales, zeros, group) -> float:
+    wd = w.detach().double()
+    noise = (wd - dequantize_groupwise(q, scales, zeros, group, dtype=torch.float64)).pow(2).sum()
+    return math.inf if noise == 0 else float(10 * torch.log10(wd.pow(2).sum() / noise))
