@@ -79,7 +79,7 @@ def main() -> None:
     model, tok = load_smollm2()
     tokens = dev_tokens(tok, args.tokens)
     prompt512 = tokens[:, :512]
-    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=4, seq_len=256))
+    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=8, seq_len=512))
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
 
     rows = [measure("fp32 eager", model, model, tokens, prompt512, args.repeats)]

@@ -2,7 +2,8 @@
 
 Precondition: a dynamo FX graph whose parameters are lifted to placeholders
 (``node.meta["grapharg"]`` holds the source and the real tensor).
-Postcondition (analysis only, the graph is not edited):
+Postcondition (analysis only; the one edit is canonicalizing every linear call to
+positional ``(input, weight, bias)`` arguments, which does not change what it computes):
   * ``ctx.param_fqns`` maps every parameter placeholder to its FQN (a tied
     weight has one placeholder and one FQN);
   * ``ctx.sites`` lists every ``F.linear`` call; a site whose weight is not a
@@ -44,6 +45,7 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
             continue
         x, weight_node, bias_node = _linear_args(node)
+        node.args, node.kwargs = (x, weight_node, bias_node), {}  # canonical positional form
         param_fqn = ctx.param_fqns.get(getattr(weight_node, "name", None))
         if param_fqn is None:
             ctx.unsupported.append((node.name, "weight is not a model parameter"))

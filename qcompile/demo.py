@@ -33,8 +33,8 @@ def main(argv=None) -> None:
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
-    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=4, seq_len=256))
-    print(f"calibrated on 4 x 256 tokens in {time.perf_counter() - t0:.1f} s")
+    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=8, seq_len=512))
+    print(f"calibrated on 8 x 512 tokens in {time.perf_counter() - t0:.1f} s")
     options = {
         "recipe": args.recipe,
         "calibration": calibration,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def smollm2():
     model, tok = load_smollm2()
     tokens = dev_tokens(tok, 2048)
-    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=4, seq_len=256))
+    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=8, seq_len=512))
     fp = perplexity(model, tokens)
     return model, tok, tokens, calibration, fp
 
