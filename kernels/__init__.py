@@ -6,6 +6,7 @@ if __name__ != "qcompile.kernels":
     # probing for an installed `kernels` package (transformers does for `kernels`) sees
     # "not installed" instead of crashing, and any attribute access fails clearly.
     __file__ = None
+    __path__ = []  # no submodules either: `import kernels.x` must not load a second copy
     _WRONG_NAME = (
         f"this folder must be imported as 'qcompile.kernels', not '{__name__}'; install the "
         "project (scripts/dev.sh) and do not put the repository root on sys.path "

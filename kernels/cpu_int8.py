@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from .reference import quantize_rows  # aten-only: already what inductor should fuse
+from .reference import epilogue_dtype, quantize_rows  # aten-only: what inductor should fuse
 
 __all__ = ["quantize_rows", "int8_linear", "int8_matmul_int32"]
 
 
 def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """``q[M, K] @ w_q[N, K]^T`` accumulated in int32 by oneDNN."""
+    if q.shape[-1] == 1:  # oneDNN's _int_mm returns uninitialised memory for K == 1
+        return q.to(torch.int32) * w_q.to(torch.int32).t()
     return torch._int_mm(q.contiguous(), w_q.t())
 
 
@@ -31,9 +33,10 @@ def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
     lead = q.shape[:-1]
     n = w_q.shape[0]
     acc = int8_matmul_int32(q.reshape(-1, q.shape[-1]), w_q)
-    out = acc.float() * x_scale.reshape(-1, 1) * w_scale
+    wide = epilogue_dtype(out_dtype)
+    out = acc.to(wide) * x_scale.reshape(-1, 1) * w_scale
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(wide)
     if addend is not None:
-        out = out + addend.reshape(-1, n).float()
+        out = out + addend.reshape(-1, n).to(wide)
     return out.to(out_dtype).reshape(*lead, n)

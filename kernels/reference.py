@@ -49,6 +49,11 @@ def quantize_weight_per_channel(w: torch.Tensor):
     return q, (absmax / QMAX).squeeze(1).float()
 
 
+def epilogue_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 when the output is float64."""
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
 def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact int32 accumulation of ``q[M, K] @ w_q[N, K]^T`` (reference, slow)."""
     return torch.mm(q.to(torch.int32), w_q.to(torch.int32).t())
@@ -67,13 +72,15 @@ def int8_linear(
 
     ``q [..., K]`` int8, ``x_scale [..., 1]`` float32, ``w_q [N, K]`` int8,
     ``w_scale [N]`` float32, ``bias [N]`` or None, ``addend [..., N]`` or None.
-    The epilogue runs in float32 and the result is cast to ``out_dtype``.
+    The epilogue runs in float32 (float64 for a float64 output, so an exact
+    full-precision addend stays exact) and the result is cast to ``out_dtype``.
     """
     lead = q.shape[:-1]
     acc = int8_matmul_int32(q.reshape(-1, q.shape[-1]), w_q)
-    out = acc.float() * x_scale.reshape(-1, 1).float() * w_scale.float()
+    wide = epilogue_dtype(out_dtype)
+    out = acc.to(wide) * x_scale.reshape(-1, 1).to(wide) * w_scale.to(wide)
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(wide)
     if addend is not None:
-        out = out + addend.reshape(-1, w_q.shape[0]).float()
+        out = out + addend.reshape(-1, w_q.shape[0]).to(wide)
     return out.to(out_dtype).reshape(*lead, w_q.shape[0])

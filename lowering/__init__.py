@@ -6,6 +6,7 @@ if __name__ != "qcompile.lowering":
     # probing for an installed `lowering` package (transformers does for `kernels`) sees
     # "not installed" instead of crashing, and any attribute access fails clearly.
     __file__ = None
+    __path__ = []  # no submodules either: `import lowering.x` must not load a second copy
     _WRONG_NAME = (
         f"this folder must be imported as 'qcompile.lowering', not '{__name__}'; install the "
         "project (scripts/dev.sh) and do not put the repository root on sys.path "

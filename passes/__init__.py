@@ -6,6 +6,7 @@ if __name__ != "qcompile.passes":
     # probing for an installed `passes` package (transformers does for `kernels`) sees
     # "not installed" instead of crashing, and any attribute access fails clearly.
     __file__ = None
+    __path__ = []  # no submodules either: `import passes.x` must not load a second copy
     _WRONG_NAME = (
         f"this folder must be imported as 'qcompile.passes', not '{__name__}'; install the "
         "project (scripts/dev.sh) and do not put the repository root on sys.path "

@@ -111,6 +111,8 @@ class Calibration:
                 f"{path!r} is not a lowbit calibration file (expected one written by "
                 f"Calibration.save): {e}"
             ) from None
+        if not isinstance(header, dict) or not isinstance(header.get("sites"), dict):
+            raise ValueError(f"{path!r}: not a lowbit calibration file (bad metadata)")
         if header.get("format") != "lowbit.calibration" or header.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path!r}: unsupported calibration format {header.get('format')!r}")
         stats = {}
@@ -123,7 +125,7 @@ class Calibration:
                     threshold=float(m["threshold"]),
                     hessian=tensors.get(f"{fqn}::hessian"),
                 )
-            except KeyError as e:
+            except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path!r}: calibration file is incomplete, missing {e}") from None
         return cls(stats, source=header.get("source", ""))
 
@@ -183,5 +185,12 @@ def calibrate(
             h.remove()
     if n == 0:
         raise ValueError("qcompile.calibrate: no batches were given")
-    stats = {name: s for mod, s in per_module.items() for name in names_by_module[mod]}
+    # a weight shared with other modules (tied embeddings) is stored under all its names
+    param_names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(name)
+    stats = {}
+    for mod, s in per_module.items():
+        for name in names_by_module[mod] + param_names.get(id(mod.weight), []):
+            stats[name] = s
     return Calibration(stats, source=f"calibrate({n} batches)")

@@ -64,11 +64,19 @@ class PassContext:
         return next((s for s in self.sites if s.fqn == fqn and s.node is node), None)
 
 
+_ROOT = re.compile(r"^L\['[^']+'\]")
+
+
 def fqn_from_source(source_name: str) -> str | None:
-    """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``."""
-    if not source_name.startswith("L['self']"):
+    """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``.
+
+    The root local may have any name (``self``, ``fn`` for a compiled
+    ``nn.Sequential``, a forward whose receiver is not called ``self``).
+    """
+    root = _ROOT.match(source_name)
+    if root is None:
         return None
-    rest = source_name[len("L['self']") :]
+    rest = source_name[root.end() :]
     parts = []
     pos = 0
     while pos < len(rest):
@@ -88,9 +96,10 @@ def module_fqn_from_stack(node: fx.Node) -> tuple[str, type] | None:
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
-    if not path.startswith("L['self']"):
+    root = _ROOT.match(path)
+    if root is None:
         return None
-    path = path[len("L['self']") :].lstrip(".")
+    path = path[root.end() :].lstrip(".")
     # dynamo writes nested names as attribute paths, with indices as .0 or [0]
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).lstrip(".")
     if path.startswith("_orig_mod."):

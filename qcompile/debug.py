@@ -14,8 +14,10 @@ from pathlib import Path
 from torch import fx
 
 
-def _snapshot(gm: fx.GraphModule) -> dict[str, tuple[str, str, str]]:
-    return {n.name: (n.op, _target(n), repr(n.args)) for n in gm.graph.nodes}
+def _snapshot(gm: fx.GraphModule) -> dict[str, tuple[str, str, str, str | None]]:
+    return {
+        n.name: (n.op, _target(n), repr(n.args), n.meta.get("lowbit.site")) for n in gm.graph.nodes
+    }
 
 
 def _target(n: fx.Node) -> str:
@@ -57,7 +59,6 @@ class PassRunner:
 
     def _describe(self, name, count, before, gm) -> str:
         after = _snapshot(gm)
-        site = {n.name: n.meta.get("lowbit.site") for n in gm.graph.nodes}
         added = [k for k in after if k not in before]
         removed = [k for k in before if k not in after]
         changed = [k for k in after if k in before and after[k] != before[k]]
@@ -66,8 +67,8 @@ class PassRunner:
             parts = []
             for k in names:
                 s = f"{k}={snap[k][1]}"
-                if site.get(k):
-                    s += f"[{site[k]}]"
+                if snap[k][3]:
+                    s += f"[{snap[k][3]}]"
                 parts.append(s)
             return "[" + ", ".join(parts) + "]"
 

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 from qcompile.kernels import ops  # noqa: E402,F401  (registers the generic lowbit:: ops)
 from qcompile.kernels import reference as ref  # noqa: E402
 from qcompile.kernels import triton_int8 as tk  # noqa: E402

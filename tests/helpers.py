@@ -1,0 +1,166 @@
+"""Tiny random Llama models and compile helpers shared by the backend tests.
+
+Import as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import fx
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# (hidden_size, num_attention_heads, num_key_value_heads): hidden sizes that are
+# not powers of two, and grouped-query attention (fewer KV heads than heads).
+SHAPES = [(24, 4, 2), (40, 4, 1), (40, 4, 2), (48, 6, 2), (48, 6, 3)]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden: int = 24
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 32
+    layers: int = 1
+    vocab: int = 64
+    tied: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    seed: int = 0
+
+
+def build_model(spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.float32):
+    """A random ``LlamaForCausalLM`` in eval mode (deterministic in ``spec.seed``)."""
+    cfg = LlamaConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=spec.tied,
+        attention_bias=spec.attention_bias,
+        mlp_bias=spec.mlp_bias,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():  # random (not init-default) norms and biases
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == spec.tied
+    return model
+
+
+def input_ids(spec: TinySpec, batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, spec.vocab, (batch, seq), generator=g)
+
+
+@st.composite
+def tiny_specs(draw, max_layers: int = 2) -> TinySpec:
+    hidden, heads, kv = draw(st.sampled_from(SHAPES))
+    return TinySpec(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv,
+        intermediate=draw(st.sampled_from([32, 56, 72])),
+        layers=draw(st.integers(1, max_layers)),
+        vocab=draw(st.sampled_from([64, 80, 97, 128])),
+        tied=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+        mlp_bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def compile_lowbit(model, options=None):
+    """``torch.compile(model, backend="lowbit")`` after a dynamo reset.
+
+    The reset matters: dynamo's recompile limit would otherwise make later
+    compiles of the same model class silently run eagerly with fp weights.
+    """
+    torch._dynamo.reset()
+    return torch.compile(model, backend="lowbit", options=dict(options or {}))
+
+
+def run_lowbit(model, ids, options=None) -> torch.Tensor:
+    """Logits of ``model`` compiled by lowbit (eager handoff unless told otherwise)."""
+    opts = {"handoff": "eager", **(options or {})}
+    with torch.no_grad():
+        return compile_lowbit(model, opts)(ids).logits
+
+
+def run_with_backend(model, ids, backend) -> torch.Tensor:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=backend)(ids).logits
+
+
+def eager_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def used_linear_names(model) -> list[str]:
+    """Names of every ``nn.Linear`` reachable in ``model`` (duplicates included)."""
+    return [
+        name
+        for name, mod in model.named_modules(remove_duplicate=False)
+        if isinstance(mod, torch.nn.Linear)
+    ]
+
+
+class Traced:
+    """One dynamo graph of ``model(ids)``, re-run through lowbit under several option sets.
+
+    Dynamo's trace is the slow part of a compile here (1-3 s); the passes take
+    well under a second. ``run(options)`` calls the ``lowbit`` backend function on a
+    fresh copy of the captured graph with the captured example inputs, exactly as
+    ``torch.compile`` would, and returns the logits.
+    """
+
+    def __init__(self, model, ids) -> None:
+        captured = {}
+
+        def capture(gm, example_inputs):
+            # node meta (grapharg) is cleared after the backend returns: copy it now
+            captured.update(gm=gm, graph=copy.deepcopy(gm.graph), inputs=list(example_inputs))
+            return gm.forward
+
+        self.eager = eager_logits(model, ids)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=capture)(ids)
+        torch._dynamo.reset()
+        self.root, self.graph, self.inputs = captured["gm"], captured["graph"], captured["inputs"]
+        outs = self.fresh()(*self.inputs)
+        matches = [i for i, o in enumerate(outs) if o.shape == self.eager.shape]
+        assert len(matches) == 1, [o.shape for o in outs]
+        self.logits_index = matches[0]
+
+    def fresh(self) -> fx.GraphModule:
+        """An unmodified copy of the captured graph (node meta shared shallowly)."""
+        return fx.GraphModule(self.root, copy.deepcopy(self.graph))
+
+    def call(self, fn) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(*self.inputs)[self.logits_index]
+
+    def run(self, options=None) -> torch.Tensor:
+        from qcompile.backend import lowbit_backend
+
+        opts = {"handoff": "eager", **(options or {})}
+        return self.call(lowbit_backend(self.fresh(), self.inputs, options=opts))
