@@ -38,8 +38,8 @@ API
 ``quantize_groupwise(w, bits, group_size, scale_dtype=torch.float32) -> (q, scales, zeros)``
     RTN: ``compute_qparams`` then ``quantize_with_qparams``.
 ``dequantize_groupwise(q, scales, zeros, group_size, dtype=None) -> w_hat [N, K]``
-    ``(q - z) * s`` computed in float32, returned in ``dtype`` (default
-    ``scales.dtype``).
+    ``(q - z) * s`` computed in float32 (float64 when ``dtype`` is float64),
+    returned in ``dtype`` (default ``scales.dtype``).
 ``dequant_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> y [..., N]``
     The reference low-bit linear: unpack, ``W = dequantize_groupwise(...,
     dtype=x.dtype)`` (the weight a dequantizing kernel feeds its GEMM), then
@@ -117,10 +117,12 @@ def dequantize_groupwise(
     group_size: int,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``(q - z) * s`` in float32, returned in ``dtype`` (default: the scales' dtype)."""
-    s = _expand(scales.float(), group_size)
-    z = _expand(zeros.float(), group_size)
-    return ((q.float() - z) * s).to(dtype or scales.dtype)
+    """``(q - z) * s`` in float32 (float64 if ``dtype`` is float64), returned in ``dtype``
+    (default: the scales' dtype)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    s = _expand(scales.to(work), group_size)
+    z = _expand(zeros.to(work), group_size)
+    return ((q.to(work) - z) * s).to(dtype or scales.dtype)
 
 
 def dequant_linear(
