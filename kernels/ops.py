@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_int8
+from . import cpu_int8, lowbit_act  # noqa: F401  (lowbit_act registers quantize_rows_bits)
 from . import reference as ref
 from . import weight_only_reference as wo_ref
 

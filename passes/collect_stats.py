@@ -6,6 +6,10 @@ statistics, taken from ``options["calibration"]`` when it has the site (under
 the site FQN or the tied parameter's FQN), otherwise recorded by running this
 graph once on the example inputs dynamo passed to the backend (weak: a single
 batch, possibly a single decode token), which is logged as a warning.
+A site whose products are stored and must be reused (``qcompile.artifacts``: its
+weight was released, or they were loaded by ``qcompile.load``) gets
+``site.artifact`` and no statistics; a released weight with no matching products
+is a ``ValueError``.
 Returns the number of sites whose statistics came from the example inputs.
 """
 
@@ -16,6 +20,7 @@ import logging
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.calibration import SiteStats
 from qcompile.context import PassContext
 from qcompile.recipes import get_recipe
@@ -28,7 +33,10 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
     missing = []
     needs_hessian = {s.fqn for s in ctx.sites if get_recipe(s.scheme).gptq}
     for site in ctx.sites:
-        if site.skip_reason:
+        # stored products (released weight, or loaded by qcompile.load) need no statistics;
+        # a released weight with none that match raises here
+        site.artifact = artifacts.pinned_for(site, ctx)
+        if site.skip_reason or site.artifact is not None:
             continue
         stats = None
         if calibration is not None:
@@ -50,6 +58,13 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
     if not missing:
         return 0
     needs_stats = any(s.scheme != "fp" for s in missing)
+    if needs_stats and any(artifacts.is_freed(s.weight) for s in ctx.sites):
+        raise ValueError(
+            f"lowbit: cannot calibrate {missing[0].fqn} on this graph's example inputs: other "
+            "full-precision weights of the graph were released (free_weights or qcompile.load), "
+            "so its recorded inputs would be wrong; pass options={'calibration': ...} recorded "
+            "on the full model"
+        )
     if needs_stats:
         where = (
             "no calibration was given"

@@ -5,7 +5,8 @@ Postcondition (analysis only): for each site whose recipe splits mixed
 precision (``int8-mixed``), ``site.outlier_channels``
 and the linear node's ``meta["lowbit.outliers"]`` list the input channels whose
 calibrated magnitude reached ``options["threshold"]`` (default 6.0), sorted.
-Sites with other recipes get an empty list. Nothing numeric changes.
+Sites with other recipes get an empty list; a site reusing stored products
+(``site.artifact``) gets their columns. Nothing numeric changes.
 Returns the number of sites with at least one outlier channel.
 """
 
@@ -22,7 +23,9 @@ def detect_outliers(gm: fx.GraphModule, ctx: PassContext) -> int:
     for site in ctx.sites:
         recipe = get_recipe(site.scheme)
         stats = ctx.stats.get(site.fqn)
-        if site.skip_reason or not recipe.mixed or stats is None:
+        if site.artifact is not None:  # reused products (qcompile.artifacts) fix the columns
+            site.outlier_channels = list(site.artifact.meta.get("outlier_channels", []))
+        elif site.skip_reason or not recipe.mixed or stats is None:
             site.outlier_channels = []
         else:
             site.outlier_channels = stats.outlier_channels(ctx.options.threshold)

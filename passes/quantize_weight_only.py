@@ -11,6 +11,9 @@ Rewrite, per site whose recipe is weight-only (``w{bits}a16-g{G}[-gptq]``):
 stored in the activation dtype. GPTQ (``qcompile.gptq``) uses the calibrated
 ``X^T X``; the result with the lower calibration reconstruction error is kept
 (GPTQ, or RTN where GPTQ did not help), and the report says which.
+The packed codes, scales and zero points are stored in ``qcompile.artifacts`` and
+reused instead of recomputed when they match (same weight, recipe, options and,
+for GPTQ, the same calibration statistics; always for a released weight).
 Numerical contract: RTN is within half a quantization step per element.
 A group size that does not divide a site's ``in_features`` is a ``ValueError``
 naming the site and the group sizes that would work (override the site).
@@ -20,10 +23,12 @@ Returns the number of sites quantized.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.gptq import gptq_quantize, reconstruction_error
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
@@ -45,12 +50,30 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
         bits, group = recipe.weight_bits, recipe.group_size
         out_val = node.meta.get("example_value")
         act_dtype = out_val.dtype if out_val is not None else site.weight.dtype
-        q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)
-        site.weight_sqnr_db = _sqnr_db(site.weight, q, scales, zeros, group)
+        stats = ctx.stats.get(site.fqn) if recipe.gptq else None
+        deps = weakref.ref(stats) if stats is not None else None  # GPTQ: this calibration
+        art = site.artifact or artifacts.lookup(site, ctx, deps=stats)
+        if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
+            packed, scales, zeros = (art.tensors[k] for k in ("packed", "scales", "zeros"))
+            site.weight_sqnr_db, method = art.meta.get("weight_sqnr_db"), art.meta["method"]
+        else:
+            q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)
+            site.weight_sqnr_db = _sqnr_db(site.weight, q, scales, zeros, group)
+            packed = pack(q, bits)
         site.bits_per_weight = packed_bits_per_weight(bits, group, scales.element_size())
         site.method = method
+        if art is None:
+            meta = {
+                "bits": bits,
+                "group_size": group,
+                "method": method,
+                "weight_sqnr_db": site.weight_sqnr_db,
+                "bits_per_weight": site.bits_per_weight,
+            }
+            products = {"packed": packed, "scales": scales, "zeros": zeros}
+            artifacts.store(site, ctx, products, meta, deps=deps)
 
-        packed_node = add_constant(gm, f"lowbit_{site.fqn}_packed{bits}", pack(q, bits), node)
+        packed_node = add_constant(gm, f"lowbit_{site.fqn}_packed{bits}", packed, node)
         s_node = add_constant(gm, f"lowbit_{site.fqn}_scales", scales, node)
         z_node = add_constant(gm, f"lowbit_{site.fqn}_zeros", zeros, node)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

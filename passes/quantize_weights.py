@@ -9,7 +9,10 @@ Rewrite, per site whose recipe is int8 weights and int8 activations:
 
 with ``W_q, w_scale = absmax int8 of W`` (per output channel; the inlier weight
 when the site was split), stored as new constants of the graph. Sites marked for
-the dynamic split become ``lowbit.int8_mixed_linear_dynamic``. The user's
+the dynamic split become ``lowbit.int8_mixed_linear_dynamic``. The products are
+stored in ``qcompile.artifacts`` (with the split's, if any) and reused instead of
+recomputed when they match (same weight, recipe, options and outlier columns;
+always for a released weight). The user's
 parameters are never modified; full-precision copies made by earlier passes are
 dropped from the graph module once replaced.
 Numerical contract: within int8 absmax tolerance: per element of W,
@@ -26,6 +29,7 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.reference import quantize_weight_per_channel
@@ -47,13 +51,31 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         x = node.args[0]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         w_node = node.meta.get("lowbit.weight_node")
-        w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
-        w_q, w_scale = quantize_weight_per_channel(w)
-        site.weight_sqnr_db = _sqnr_db(site.weight, w_q, w_scale, site.outlier_channels)
+        art = site.artifact
+        if art is None and not site.products:
+            art = artifacts.lookup(site, ctx, deps=list(site.outlier_channels))
+        if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
+            w_q, w_scale = art.tensors["w_q"], art.tensors["w_scale"]
+            site.weight_sqnr_db = art.meta.get("weight_sqnr_db")
+        else:
+            w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
+            w_q, w_scale = quantize_weight_per_channel(w)
+            site.weight_sqnr_db = _sqnr_db(site.weight, w_q, w_scale, site.outlier_channels)
         site.method = "absmax int8" + (" + fp outliers" if site.outlier_channels else "")
         site.bits_per_weight = _bits_per_weight(
             site.in_features, len(site.outlier_channels), site.weight.element_size()
         )
+
+        if art is None:
+            meta = {
+                "outlier_channels": list(site.outlier_channels),
+                "bits": 8,
+                "method": site.method,
+                "weight_sqnr_db": site.weight_sqnr_db,
+                "bits_per_weight": site.bits_per_weight,
+            }
+            products = {**site.products, "w_q": w_q, "w_scale": w_scale}
+            artifacts.store(site, ctx, products, meta, deps=list(site.outlier_channels))
 
         out_val = node.meta.get("example_value")
         out_dtype = out_val.dtype if out_val is not None else site.weight.dtype

@@ -12,6 +12,11 @@ site's new node (``meta["lowbit.site"]``) and will be quantized; it carries
 ``meta["lowbit.outlier_partial"]`` / ``meta["lowbit.split_sum"]`` (the
 full-precision partial and the add). The second stays in full precision.
 Numerical contract: exact in real arithmetic (float rounding of one extra add).
+When the site's products are stored (``qcompile.artifacts``: same weight, recipe,
+options and outlier columns, or a released weight), the stored index, mask and
+outlier columns are reused, the inlier weight constant is a zero-memory
+placeholder and ``quantize_weights`` uses the stored int8 weight; otherwise the
+pass leaves its tensors in ``site.products`` for ``quantize_weights`` to store.
 Dynamic mode: no rewrite; the site is marked ``meta["lowbit.dynamic_threshold"]``
 and ``quantize_weights`` emits the run-time split op.
 Returns the number of sites split (or marked dynamic).
@@ -24,6 +29,7 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.recipes import get_recipe
 
@@ -43,16 +49,29 @@ def split_mixed_mm(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         x, _, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
         w = site.weight.detach()
-        cols = torch.tensor(site.outlier_channels, dtype=torch.long, device=w.device)
-        inlier_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-        inlier_mask[cols] = False
-        w_inlier = w.clone()
-        w_inlier[:, cols] = 0
+        art = site.artifact or artifacts.lookup(site, ctx, deps=list(site.outlier_channels))
+        if art is not None:  # stored products: nothing is computed from the weight
+            site.artifact = art
+            cols, inlier_mask = art.tensors["outlier_idx"], art.tensors["inlier_mask"]
+            w_outlier = art.tensors["w_outlier"]
+            w_inlier = artifacts.placeholder(w.shape, w.dtype, w.device)  # int8 one is stored
+        else:
+            cols = torch.tensor(site.outlier_channels, dtype=torch.long, device=w.device)
+            inlier_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+            inlier_mask[cols] = False
+            w_inlier = w.clone()
+            w_inlier[:, cols] = 0
+            w_outlier = w[:, cols].contiguous()
+            site.products = {
+                "outlier_idx": cols,
+                "inlier_mask": inlier_mask,
+                "w_outlier": w_outlier,
+            }
 
         g = gm.graph
         idx_node = add_constant(gm, f"lowbit_{site.fqn}_outlier_idx", cols, node)
         mask_node = add_constant(gm, f"lowbit_{site.fqn}_inlier_mask", inlier_mask, node)
-        w_out_node = add_constant(gm, f"lowbit_{site.fqn}_w_outlier", w[:, cols].contiguous(), node)
+        w_out_node = add_constant(gm, f"lowbit_{site.fqn}_w_outlier", w_outlier, node)
         w_in_node = add_constant(gm, f"lowbit_{site.fqn}_w_inlier", w_inlier, node)
         with g.inserting_before(node):
             x_out = g.call_function(torch.index_select, (x, -1, idx_node))

@@ -16,6 +16,7 @@ from .options import Options
 from .pipeline import REPORTS
 from .recipes import RECIPES
 from .report import Report, SiteRow
+from .serialize import load, save
 
 __all__ = [
     "Calibration",
@@ -28,7 +29,9 @@ __all__ = [
     "calibrate",
     "compiled_reports",
     "explain",
+    "load",
     "lowbit_backend",
+    "save",
 ]
 
 

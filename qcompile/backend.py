@@ -7,10 +7,13 @@ Registered under the entry-point group ``torch_dynamo_backends`` (pyproject), so
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
+import torch
 from torch import fx
 
+from . import artifacts
 from .options import Options
 from .pipeline import run_pipeline
 
@@ -29,12 +32,81 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
         )
     opts = Options.parse(options)
     watch_recompile_limit()
-    run_pipeline(gm, example_inputs, opts)
+    report = run_pipeline(gm, example_inputs, opts)
+    replaced = gm.meta.pop("lowbit.replaced_weights", [])
+    release = plan_release(replaced) if opts.free_weights else []
     if opts.handoff == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs)
+    return release_after_first_call(compiled, release, report) if release else compiled
+
+
+# free_weights ---------------------------------------------------------------------------
+# The fp weights are released after the compiled graph's first call, not here: dynamo
+# checks its guards (parameter strides included) against the frame right after the
+# backend returns. The next call then fails the stride guard and recompiles; that graph
+# sees the zero-memory placeholders and reuses the stored products (qcompile.artifacts).
+
+
+def plan_release(replaced) -> list[tuple]:
+    """``(parameter, owning nn.Linear modules)`` for each replaced weight that may be
+    released: only held by ``nn.Linear`` modules as their ``weight``, with stored products."""
+    plan = []
+    for param, source, _ in replaced:
+        if artifacts.is_freed(param) or not artifacts.artifacts_of(param):
+            continue
+        root = _frame_root(source)
+        if root is None:
+            log.warning(
+                "lowbit: free_weights: cannot find the module that owns %s; its full-precision "
+                "weight is kept",
+                source,
+            )
+            continue
+        owners, all_linear = artifacts.linear_owners(root, param)
+        if all_linear:
+            plan.append((param, owners))
+        else:
+            log.info("lowbit: free_weights keeps %s: a module other than nn.Linear uses it", source)
+    return plan
+
+
+def _frame_root(source_name: str):
+    """The module the graph's frame calls its parameters through (``L['self']``)."""
+    m = re.match(r"^L\['([^']+)'\]", source_name)
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = tx.output.root_tx.f_locals
+    except Exception:  # not called by dynamo (e.g. a captured graph re-run in tests)
+        return None
+    root = f_locals.get(m.group(1)) if m else None
+    return root if isinstance(root, torch.nn.Module) else None
+
+
+def release_after_first_call(compiled, plan, report):
+    """Wrap ``compiled`` so that its first successful call releases ``plan``'s weights."""
+    pending = [plan]
+
+    def release():
+        if not pending:
+            return
+        freed = sum(artifacts.free_weight(p, owners) for p, owners in pending.pop())
+        report.memory["freed_bytes"] = report.memory.get("freed_bytes", 0) + freed
+        log.info("lowbit: free_weights released %d bytes of full-precision weights", freed)
+
+    # dynamo calls what a backend returns with positional arguments (the inductor result
+    # may carry a copied ``_boxed_call`` attribute that does not apply to it)
+    def run(*args):
+        out = compiled(*args)
+        release()
+        return out
+
+    return run
 
 
 class _RecompileLimitFilter(logging.Filter):

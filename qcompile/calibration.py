@@ -3,7 +3,8 @@
 ``calibrate(model, batches)`` runs the model eagerly with forward pre-hooks on
 every ``nn.Linear`` and records, per input channel, what the passes need:
 the absolute maximum (LLM.int8() outlier detection, smoothing), how many rows
-reach the outlier threshold, and optionally ``X^T X`` (GPTQ). A linear reachable
+reach the outlier threshold, optionally ``X^T X`` (GPTQ) and optionally a sample
+of input rows (``sample_rows``: what DuQuant's rotations are built from). A linear reachable
 under several names (tied embeddings: ``lm_head.weight`` and
 ``model.embed_tokens.weight``) is stored under each of them.
 """
@@ -31,15 +32,24 @@ class SiteStats:
     rows: int
     threshold: float
     hessian: torch.Tensor | None = None  # [K, K] float64, sum of x^T x (GPTQ)
+    # Up to ``sample_rows`` input rows [n, K] float32: the quarter of them with the
+    # largest |x| (massive-outlier tokens are rare and must be kept) and a uniform
+    # random subset of the others (bottom-k of random keys, ``sample_keys``).
+    sample: torch.Tensor | None = None
+    sample_keys: torch.Tensor | None = None  # [n] float64 random keys of the sampled rows
+    sample_rows: int = 0
 
     @classmethod
-    def empty(cls, in_features: int, threshold: float, hessian: bool) -> SiteStats:
+    def empty(
+        cls, in_features: int, threshold: float, hessian: bool, sample_rows: int = 0
+    ) -> SiteStats:
         return cls(
             absmax=torch.zeros(in_features),
             over_threshold=torch.zeros(in_features, dtype=torch.int64),
             rows=0,
             threshold=threshold,
             hessian=torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None,
+            sample_rows=sample_rows,
         )
 
     @torch.no_grad()
@@ -48,10 +58,28 @@ class SiteStats:
         mag = x2.abs().float()
         self.absmax = torch.maximum(self.absmax, mag.amax(dim=0).cpu())
         self.over_threshold += (mag >= self.threshold).sum(dim=0).cpu()
-        self.rows += x2.shape[0]
         if self.hessian is not None:
             xd = x2.double().cpu()
             self.hessian += xd.t() @ xd
+        if self.sample_rows > 0:
+            self._update_sample(x2.float().cpu())
+        self.rows += x2.shape[0]
+
+    def _update_sample(self, x2: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(1_000_003 + self.rows)
+        keys = torch.rand(x2.shape[0], generator=gen, dtype=torch.float64)
+        if self.sample is not None:
+            x2 = torch.cat([self.sample, x2])
+            keys = torch.cat([self.sample_keys, keys])
+        if x2.shape[0] > self.sample_rows:
+            n_top = self.sample_rows // 4
+            top = x2.abs().amax(dim=1).topk(n_top).indices if n_top else keys[:0].long()
+            rest_keys = keys.clone()
+            rest_keys[top] = float("inf")
+            rest = rest_keys.topk(self.sample_rows - n_top, largest=False).indices
+            keep = torch.cat([top, rest]).sort().values
+            x2, keys = x2[keep], keys[keep]
+        self.sample, self.sample_keys = x2.contiguous(), keys
 
     def outlier_channels(self, threshold: float) -> list[int]:
         """LLM.int8() rule: channels whose magnitude ever reached ``threshold``."""
@@ -89,7 +117,12 @@ class Calibration:
             tensors[f"{fqn}::over_threshold"] = s.over_threshold.contiguous().clone()
             if s.hessian is not None:
                 tensors[f"{fqn}::hessian"] = s.hessian.contiguous().clone()
+            if s.sample is not None:
+                tensors[f"{fqn}::sample"] = s.sample.contiguous().clone()
+                tensors[f"{fqn}::sample_keys"] = s.sample_keys.contiguous().clone()
             meta[fqn] = {"rows": s.rows, "threshold": s.threshold}
+            if s.sample_rows:
+                meta[fqn]["sample_rows"] = s.sample_rows
         header = {"format": "lowbit.calibration", "version": FORMAT_VERSION, "source": self.source}
         save_file(
             tensors, os.fspath(path), metadata={"lowbit": json.dumps({**header, "sites": meta})}
@@ -124,6 +157,9 @@ class Calibration:
                     rows=int(m["rows"]),
                     threshold=float(m["threshold"]),
                     hessian=tensors.get(f"{fqn}::hessian"),
+                    sample=tensors.get(f"{fqn}::sample"),
+                    sample_keys=tensors.get(f"{fqn}::sample_keys"),
+                    sample_rows=int(m.get("sample_rows", 0)),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path!r}: calibration file is incomplete, missing {e}") from None
@@ -150,14 +186,21 @@ def calibrate(
     *,
     threshold: float = 6.0,
     hessian: bool = False,
+    sample_rows: int = 0,
 ) -> Calibration:
     """Run ``model`` on ``batches`` and record per-linear-site input statistics.
 
     ``batches``: an iterable of input-id tensors, dicts of model kwargs, or tuples
     of positional args. ``threshold``: the LLM.int8() outlier threshold counted in
     ``SiteStats.over_threshold``. ``hessian``: also accumulate ``X^T X`` (GPTQ).
+    ``sample_rows``: also keep up to that many input rows per site (``SiteStats.sample``;
+    the DuQuant recipes build their rotations from it; e.g. 512).
     The model is run as it is (its train/eval mode and weights are not changed).
     """
+    if not isinstance(sample_rows, int) or isinstance(sample_rows, bool) or sample_rows < 0:
+        raise ValueError(
+            f"qcompile.calibrate: sample_rows must be an int >= 0, got {sample_rows!r}"
+        )
     names_by_module: dict[torch.nn.Module, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, torch.nn.Linear):
@@ -170,7 +213,7 @@ def calibrate(
     def hook(mod, args):
         x = args[0]
         if mod not in per_module:
-            per_module[mod] = SiteStats.empty(x.shape[-1], threshold, hessian)
+            per_module[mod] = SiteStats.empty(x.shape[-1], threshold, hessian, sample_rows)
         per_module[mod].update(x)
 
     handles = [m.register_forward_pre_hook(hook) for m in names_by_module]

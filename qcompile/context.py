@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -31,6 +32,14 @@ class LinearSite:
     weight_sqnr_db: float | None = None
     bits_per_weight: float | None = None  # storage incl. scales / zero points
     method: str | None = None  # how the weight was quantized (rtn, gptq, absmax)
+    artifact: Any = None  # stored products reused for this site (qcompile.artifacts)
+    products: dict = field(default_factory=dict)  # tensors computed so far, to be stored
+    # equivalence transforms on the input (smooth / rotate), each tagged "fused" (folded
+    # upstream, no run-time cost) or "online"; max |x| on the calibration sample before
+    # and after them
+    transforms: list[str] = field(default_factory=list)
+    act_absmax_before: float | None = None
+    act_absmax_after: float | None = None
 
     @property
     def in_features(self) -> int:
@@ -58,6 +67,8 @@ class PassContext:
     stats_source: str = ""
     target: str = "cpu"
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node or fqn, reason)
+    # options["verify"]: (example inputs, outputs of the graph before the exact passes)
+    verify_reference: tuple | None = None
 
     def site_of(self, node: fx.Node) -> LinearSite | None:
         fqn = node.meta.get("lowbit.site")

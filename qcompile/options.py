@@ -32,8 +32,26 @@ OPTION_HELP = {
     "handoff": "'inductor' (default) or 'eager' (keep the lowered graph in Python, for debugging)",
     "gptq": "GPTQ settings for '-gptq' recipes: {'act_order': True, 'damp': 0.01, "
     "'block_size': 128}",
+    "free_weights": "True: after the first compiled call, release the model's full-precision "
+    "weights of the linear layers lowbit replaced (eager calls of them then raise; "
+    "default False)",
+    "duquant": "settings for '-duquant' recipes: {'block_size': 128, 'steps': 8, "
+    "'permute': True, 'alpha': 0.5, 'clip_search': True}",
+    "verify": "True: check that the exact passes (smooth, rotate) left the graph's outputs "
+    "unchanged on the example inputs; raises naming the pass (default False)",
 }
 GPTQ_DEFAULTS = {"act_order": True, "damp": 0.01, "block_size": 128}
+# block_size: channels per rotation block (a remainder block is handled and reported);
+# steps: greedy rotation steps per block; permute: zigzag permutation + second rotation;
+# alpha: SmoothQuant migration strength (0 = no smoothing); clip_search: per-channel
+# weight clipping ratio minimizing the calibration sample's output error.
+DUQUANT_DEFAULTS = {
+    "block_size": 128,
+    "steps": 8,
+    "permute": True,
+    "alpha": 0.5,
+    "clip_search": True,
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,11 @@ class Options:
     outlier_mode: str = "static"
     handoff: str = "inductor"
     gptq: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType(dict(GPTQ_DEFAULTS)))
+    duquant: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType(dict(DUQUANT_DEFAULTS))
+    )
+    verify: bool = False
+    free_weights: bool = False
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> Options:
@@ -89,6 +112,16 @@ class Options:
                     f"of one saved with Calibration.save, got {type(calibration).__name__}"
                 )
         options["gptq"] = MappingProxyType(_parse_gptq(options.get("gptq")))
+        options["duquant"] = MappingProxyType(_parse_duquant(options.get("duquant")))
+        if not isinstance(options.get("verify", False), bool):
+            raise ValueError(
+                f"lowbit option 'verify' must be True or False, got {options['verify']!r}"
+            )
+        if not isinstance(options.get("free_weights", False), bool):
+            raise ValueError(
+                "lowbit option 'free_weights' must be True or False, "
+                f"got {options['free_weights']!r}"
+            )
         debug_dir = options.get("debug_dir") or os.environ.get("LOWBIT_DEBUG_DIR") or None
         options["debug_dir"] = os.fspath(debug_dir) if debug_dir else None
         return cls(**options)
@@ -111,4 +144,31 @@ def _parse_gptq(value: Any) -> dict:
         raise ValueError(f"lowbit gptq option 'damp' must be in (0, 1), got {out['damp']!r}")
     if not (isinstance(out["block_size"], int) and out["block_size"] > 0):
         raise ValueError("lowbit gptq option 'block_size' must be a positive int")
+    return out
+
+
+def _parse_duquant(value: Any) -> dict:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"lowbit option 'duquant' must be a dict, got {type(value).__name__}")
+    value = dict(value or {})
+    unknown = sorted(set(value) - set(DUQUANT_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown lowbit duquant option(s) {unknown}; valid: {sorted(DUQUANT_DEFAULTS)}"
+        )
+    out = {**DUQUANT_DEFAULTS, **value}
+    for key in ("block_size", "steps"):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "block_size" else 0):
+            raise ValueError(
+                f"lowbit duquant option {key!r} must be an int >= "
+                f"{1 if key == 'block_size' else 0}, got {v!r}"
+            )
+    for key in ("permute", "clip_search"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"lowbit duquant option {key!r} must be True or False")
+    alpha = out["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"lowbit duquant option 'alpha' must be in [0, 1], got {alpha!r}")
+    out["alpha"] = float(alpha)
     return out

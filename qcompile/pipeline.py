@@ -11,10 +11,16 @@ from torch import fx
 from qcompile.passes.bind import bind
 from qcompile.passes.collect_stats import collect_stats
 from qcompile.passes.detect_outliers import detect_outliers
+from qcompile.passes.fusion_analysis import fusion_analysis
+from qcompile.passes.quantize_lowbit import quantize_lowbit
 from qcompile.passes.quantize_weight_only import quantize_weight_only
 from qcompile.passes.quantize_weights import quantize_weights
+from qcompile.passes.rotate import rotate
+from qcompile.passes.smooth import smooth
 from qcompile.passes.split_mixed_mm import split_mixed_mm
+from qcompile.passes.verify import verify
 
+from . import artifacts
 from .context import PassContext
 from .debug import PassRunner
 from .options import Options
@@ -37,8 +43,14 @@ def run_pipeline(
     ctx.target = resolve_target(options.target, ctx)
     runner.run("collect_stats", collect_stats, gm, ctx, example_inputs)  # calibration per site
     runner.run("detect_outliers", detect_outliers, gm, ctx)  # LLM.int8() outlier columns
+    runner.run("fusion_analysis", fusion_analysis, gm, ctx, example_inputs)  # what folds upstream
+    runner.run("smooth", smooth, gm, ctx)  # SmoothQuant x / s: into the norm / up rows, or online
+    runner.run("verify_smooth", verify, gm, ctx, "smooth")  # options["verify"]: outputs unchanged
+    runner.run("rotate", rotate, gm, ctx)  # DuQuant R1 P R2 / Hadamard: W @ T offline, x @ T online
+    runner.run("verify_rotate", verify, gm, ctx, "rotate")  # options["verify"]: outputs unchanged
     runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # outlier columns -> fp partial
     runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
+    runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # W4A4 / W6A6 / W4A8 + lowbit ops
     runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # packed low-bit weights
     if lower_to_target:
         from qcompile.lowering.lower import lower
@@ -46,7 +58,11 @@ def run_pipeline(
         runner.run("lower", lower, gm, ctx)  # lowbit ops -> cpu / triton kernels
     gm.graph.lint()
 
+    # fp weights this graph no longer reads: the backend releases them with free_weights
+    replaced = artifacts.replaced_weights(gm, ctx)
+    gm.meta["lowbit.replaced_weights"] = replaced
     report = build_report(ctx, runner)
+    report.memory = artifacts.memory_of(gm, replaced)
     runner.write_report(report)
     REPORTS.append(report)
     _log_summary(report)
@@ -80,6 +96,9 @@ def build_report(ctx: PassContext, runner: PassRunner) -> Report:
                 bits_per_weight=s.bits_per_weight,
                 method=s.method,
                 graph=ctx.graph_index,
+                transforms="; ".join(s.transforms) or None,
+                act_absmax_before=s.act_absmax_before,
+                act_absmax_after=s.act_absmax_after,
             )
         )
     calib = ctx.options.calibration

@@ -19,6 +19,9 @@ class Recipe:
     mixed: bool = False  # LLM.int8() split: outlier columns stay in full precision
     group_size: int | None = None  # weight-only: input channels per scale / zero point
     gptq: bool = False  # weight-only: GPTQ error compensation instead of round-to-nearest
+    # weight-activation low bit: equivalence transform on each linear input before
+    # quantizing (None, "duquant": smoothing + block rotations, "hadamard": QuaRot-style)
+    transform: str | None = None
 
     @property
     def weight_only(self) -> bool:
@@ -67,6 +70,32 @@ for _bits in (8, 4, 3, 2):
                 group_size=_group,
                 gptq=_gptq,
             )
+
+
+# Weight-activation low bit (DuQuant, issue 3): symmetric per-output-channel weights and
+# per-token activations at the same widths, int values held in int8 (int32 accumulation).
+for _name, _w, _a, _transform, _how in (
+    ("w4a4-duquant", 4, 4, "duquant", "DuQuant"),
+    ("w6a6-duquant", 6, 6, "duquant", "DuQuant"),
+    ("w4a8-duquant", 4, 8, "duquant", "DuQuant"),
+    ("w4a4-rtn", 4, 4, None, "round-to-nearest, no transform"),
+    ("w6a6-rtn", 6, 6, None, "round-to-nearest, no transform"),
+    ("w4a4-hadamard", 4, 4, "hadamard", "QuaRot-style Hadamard (random orthogonal if none)"),
+):
+    RECIPES[_name] = Recipe(
+        _name,
+        f"W{_w}A{_a}: symmetric per-output-channel {_w}-bit weights, per-token {_a}-bit "
+        f"activations; {_how}"
+        + (
+            " (smoothing, block rotation, zigzag permutation, folded into the weights)"
+            if _transform == "duquant"
+            else ""
+        ),
+        quantize=True,
+        weight_bits=_w,
+        act_bits=_a,
+        transform=_transform,
+    )
 
 
 def get_recipe(name: str) -> Recipe:

@@ -20,6 +20,9 @@ class SiteRow:
     bits_per_weight: float | None = None  # weight storage incl. scales (None: full precision)
     method: str | None = None
     graph: int = 0
+    transforms: str | None = None  # input transforms (smooth, rotate): fused or online
+    act_absmax_before: float | None = None  # max |x| on the calibration sample, before them
+    act_absmax_after: float | None = None  # ... and after them
 
 
 @dataclass
@@ -31,6 +34,9 @@ class Report:
     target: str = ""
     calibration: str = ""
     graphs: int = 1
+    # bytes: fp_bytes_replaced (fp linear weights the graph no longer reads),
+    # quantized_bytes (its quantized constants), freed_bytes (of the former, released)
+    memory: dict[str, int] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[SiteRow]:
@@ -57,6 +63,8 @@ class Report:
                 out.pass_times[k] = out.pass_times.get(k, 0.0) + v
             for k, v in r.pass_rewrites.items():
                 out.pass_rewrites[k] = out.pass_rewrites.get(k, 0) + v
+            for k, v in r.memory.items():
+                out.memory[k] = out.memory.get(k, 0) + v
             out.target = out.target or r.target
             out.calibration = out.calibration or r.calibration
         return out
@@ -76,6 +84,7 @@ class Report:
                 "left_in_fp": dict(self.left_in_fp),
                 "pass_times_s": self.pass_times,
                 "pass_rewrites": self.pass_rewrites,
+                "memory": self.memory,
             },
             indent=1,
         )
@@ -85,6 +94,14 @@ class Report:
         lines = [f"lowbit: {q} of {n} linear sites quantized (target {self.target})"]
         for reason, count in sorted(self.left_in_fp.items()):
             lines.append(f"  left in full precision: {count} x {reason}")
+        if self.memory.get("fp_bytes_replaced"):
+            m = self.memory
+            lines.append(
+                f"  memory: {_mib(m['fp_bytes_replaced'])} of fp linear weights replaced by "
+                f"{_mib(m.get('quantized_bytes', 0))} of quantized constants; "
+                f"{_mib(m.get('freed_bytes', 0))} of them released"
+                + ("" if m.get("freed_bytes") else " (options['free_weights'] releases them)")
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -100,8 +117,12 @@ class Report:
                 (r.fqn, str(r.in_features), str(r.out_features), scheme,
                  str(len(r.outlier_channels)), ch, sq)
             )  # fmt: skip
+        left = (0, 3, 5, 8)
+        if any(r.transforms or r.act_absmax_before is not None for r in self.sites):
+            head += ("max|x| before>after", "transforms")  # low-bit recipes (DuQuant, ...)
+            body = [row + _transform_cells(r) for row, r in zip(body, self.sites)]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = "  ".join(f"{{:{'<' if i in (0, 3, 5) else '>'}{w}}}" for i, w in enumerate(widths))
+        fmt = "  ".join(f"{{:{'<' if i in left else '>'}{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
         lines += ["", self.summary()]
@@ -111,3 +132,17 @@ class Report:
                 + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_times.items())
             )
         return "\n".join(lines)
+
+
+def _transform_cells(r: SiteRow) -> tuple[str, str]:
+    def num(v):
+        return "" if v is None else f"{v:.3g}"
+
+    mags = num(r.act_absmax_before)
+    if r.act_absmax_after is not None:
+        mags += f">{num(r.act_absmax_after)}"
+    return mags, r.transforms or ""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

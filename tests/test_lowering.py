@@ -66,11 +66,14 @@ def test_generate_matches_eager_and_compiles_prefill_and_decode():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_recompile_limit_is_reported_loudly(monkeypatch, caplog):
+def test_recompile_limit_is_reported_loudly(caplog):
     model = tiny_llama(seed=2)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     compiled = torch.compile(model, backend="lowbit", options={"handoff": "eager"}, dynamic=False)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        warnings.catch_warnings(record=True) as caught,
+        torch.no_grad(),
+    ):
         warnings.simplefilter("always")
         caplog.set_level(logging.ERROR, logger="qcompile")
         compiled(torch.randint(0, 96, (1, 8)))

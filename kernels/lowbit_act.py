@@ -1,0 +1,190 @@
+"""Low-bit weight-activation numerics (W4A4, W6A6, W4A8) and the online block transform.
+
+Generalizes the int8 conventions of ``reference.py`` to a bit width ``b`` (2..8):
+
+  * ``qmax = 2^(b-1) - 1`` (7 for 4 bits, 31 for 6, 127 for 8);
+  * activations are quantized per row (token), symmetric, to ``[-qmax, qmax]``:
+        absmax = max(|x[r, :]|) clamped below by ``EPS``,  scale = absmax / qmax,
+        q = clamp(round_half_even(x * (qmax / absmax)), -qmax, qmax)   held in int8;
+  * weights per output channel the same way, optionally with a clipping ratio per
+    channel (``absmax * ratio``; values beyond it saturate at ``+-qmax``);
+  * the GEMM is the int8 one (``lowbit::int8_linear``; oneDNN ``torch._int_mm`` on
+    CPU): the values fit int8, so int32 accumulation is exact, and the dequantization
+    epilogue (row scale x weight scale, + bias) is unchanged.
+
+For ``b = 8`` these functions equal ``reference.quantize_rows`` /
+``reference.quantize_weight_per_channel`` bit for bit.
+
+``lowbit::quantize_rows_bits`` is the custom op the ``quantize_lowbit`` pass inserts;
+its CPU lowering is :func:`quantize_rows_bits` itself (aten ops inductor fuses).
+:func:`block_rotate` is the online part of the DuQuant / Hadamard transforms that the
+``rotate`` pass inserts: plain aten ops (a batched matmul over the blocks, an index
+gather), the same function on every target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import EPS
+
+__all__ = [
+    "CLIP_RATIOS",
+    "block_rotate",
+    "qmax_for",
+    "quantize_rows_bits",
+    "quantize_weight_per_channel_bits",
+    "search_clip_ratios",
+]
+
+#: weight clipping ratios tried per output channel by :func:`search_clip_ratios`
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def qmax_for(bits: int) -> int:
+    """Largest quantized magnitude of a symmetric ``bits``-bit grid held in int8."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"lowbit: bit width must be an int in [2, 8], got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_rows_bits(x: torch.Tensor, bits: int):
+    """Per-row symmetric ``bits``-bit quantization of ``x[..., K]``.
+
+    Returns ``(q int8 [..., K] in [-qmax, qmax], scale float32 [..., 1])``; aten ops
+    only, so it is both the reference and the CPU kernel.
+    """
+    qmax = qmax_for(bits)
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    q = torch.round(xf * (qmax / absmax)).clamp_(-qmax, qmax).to(torch.int8)
+    return q, absmax / qmax
+
+
+def quantize_weight_per_channel_bits(
+    w: torch.Tensor, bits: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric ``bits``-bit quantization of ``w [N, K]``.
+
+    ``clip [N]`` (ratios in (0, 1]) scales each row's absmax before quantizing.
+    Returns ``(w_q int8 [N, K], w_scale float32 [N])``; rounding in float64.
+    """
+    qmax = qmax_for(bits)
+    wd = w.detach().double()
+    absmax = wd.abs().amax(dim=1, keepdim=True)
+    if clip is not None:
+        absmax = absmax * clip.detach().double().reshape(-1, 1)
+    absmax = absmax.clamp_min(EPS)
+    q = torch.round(wd * (qmax / absmax)).clamp_(-qmax, qmax).to(torch.int8)
+    return q, (absmax / qmax).squeeze(1).float()
+
+
+def search_clip_ratios(
+    w: torch.Tensor,
+    bits: int,
+    sample: torch.Tensor | None = None,
+    ratios=CLIP_RATIOS,
+    max_rows: int = 256,
+) -> torch.Tensor:
+    """Per output channel, the clipping ratio in ``ratios`` with the smallest error.
+
+    The error of row ``n`` is the output MSE ``||X (w_n - deq(q_n))||^2`` on the
+    calibration ``sample [rows, K]`` (its first ``max_rows`` rows; the caller passes
+    the sample in the weight's input basis) or, without a sample, the weight MSE
+    ``||w_n - deq(q_n)||^2``. Ratio 1.0 (plain absmax) is always a candidate, so the
+    chosen error never exceeds the unclipped one. Returns ``[N]`` float64.
+    """
+    wd = w.detach().double()
+    n = wd.shape[0]
+    ratios = sorted({1.0, *(float(r) for r in ratios)}, reverse=True)
+    x = None if sample is None else sample[:max_rows].float()
+    best_err = torch.full((n,), float("inf"), dtype=torch.float64)
+    best = torch.ones(n, dtype=torch.float64)
+    for r in ratios:
+        q, s = quantize_weight_per_channel_bits(wd, bits, torch.full((n,), r))
+        d = wd - q.double() * s.double().unsqueeze(1)
+        if x is None:
+            err = d.pow(2).sum(dim=1)
+        else:
+            err = (x @ d.float().t()).double().pow(2).sum(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = r
+    return best
+
+
+def _block_matmul(x: torch.Tensor, blocks: torch.Tensor | None, tail: torch.Tensor | None):
+    """``x @ diag(blocks[0], ..., blocks[nb-1], tail)`` over the last dimension."""
+    parts = []
+    lead = x.shape[:-1]
+    done = 0
+    if blocks is not None:
+        nb, b, _ = blocks.shape
+        done = nb * b
+        xb = x[..., :done].reshape(-1, nb, b).transpose(0, 1)  # [nb, M, b]
+        yb = torch.bmm(xb, blocks).transpose(0, 1)  # [M, nb, b]
+        parts.append(yb.reshape(*lead, done))
+    if tail is not None:
+        parts.append(torch.matmul(x[..., done:], tail))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def block_rotate(
+    x: torch.Tensor,
+    blocks: torch.Tensor | None,
+    tail: torch.Tensor | None,
+    perm: torch.Tensor | None = None,
+    blocks2: torch.Tensor | None = None,
+    tail2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``X @ T`` for ``T = B1 @ P @ B2`` with block-diagonal ``B1``, ``B2``.
+
+    ``blocks [nb, b, b]`` are ``B1``'s full blocks (channels ``[i b, (i+1) b)``) and
+    ``tail [r, r]`` its remainder block (``K = nb b + r``), either may be None; ``perm
+    [K]`` (optional) gathers channels (``Y[:, i] = Y[:, perm[i]]``); ``blocks2`` /
+    ``tail2`` (optional) are ``B2``. A full (non-block) matrix is one block. The
+    matrices are in ``x``'s dtype; computing ``X @ T`` in that dtype is exact up to
+    its rounding.
+    """
+    y = _block_matmul(x, blocks, tail)
+    if perm is not None:
+        y = y.index_select(-1, perm)
+    if blocks2 is not None or tail2 is not None:
+        y = _block_matmul(y, blocks2, tail2)
+    return y
+
+
+def split_blocks(
+    t: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(blocks [nb, b, b], tail [r, r])`` of a block-diagonal ``t [K, K]`` (None if absent).
+
+    The off-diagonal blocks must be zero; this is checked.
+    """
+    k = t.shape[0]
+    b = min(block_size, k)
+    nb, r = divmod(k, b)
+    blocks = torch.stack([t[i * b : (i + 1) * b, i * b : (i + 1) * b] for i in range(nb)])
+    tail = t[nb * b :, nb * b :].clone() if r else None
+    rebuilt = torch.block_diag(*blocks, *([tail] if tail is not None else []))
+    if not torch.equal(rebuilt, t):
+        raise ValueError(f"matrix is not block-diagonal with blocks of {block_size}")
+    return blocks.contiguous(), tail
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("lowbit::quantize_rows_bits", mutates_args=())
+def _quantize_rows_bits_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric ``bits``-bit quantization; see :func:`quantize_rows_bits`."""
+    return quantize_rows_bits(x, bits)
+
+
+@_quantize_rows_bits_op.register_fake
+def _(x, bits):
+    qmax_for(bits)
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )

@@ -1,0 +1,98 @@
+"""smooth: SmoothQuant scaling of each DuQuant input, folded upstream where the graph allows.
+
+Precondition: ``fusion_analysis`` ran (input groups with their fusion decisions).
+Rewrite, per input group whose transform is ``"duquant"`` when
+``options["duquant"]["alpha"] > 0``:
+
+    s_j = max|X_j|^alpha / max_n |W_nj|^(1 - alpha)      (calibrated absmax; all the
+                                                           group's weights: q/k/v jointly)
+    linear(x, W_i)  ->  linear(x / s, W_i * s)            for every linear i of the group
+
+``W_i * s`` is folded offline (float64, on copies: ``_folding.set_weight``); ``x / s``
+costs nothing at run time where ``fusion_analysis`` found a producer to absorb it:
+``"norm"`` divides the RMSNorm weight (a new constant in the multiply; the parameter
+is left alone), ``"rows"`` divides the output rows (and bias) of SwiGLU's up
+projection. Otherwise a ``div`` by a constant is inserted before the linears
+(``rotate`` merges it into its online block matrices when it runs). The group's
+sample and absmax are updated to the smoothed basis for ``rotate``.
+Numerical contract: exact in real arithmetic (float rounding of the folded weights;
+verified by ``verify`` in the pipeline and in float64 by the tests).
+Returns the number of input groups smoothed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from qcompile.context import PassContext, add_constant
+from qcompile.transforms import smooth_scales
+
+from ._folding import fold_output_rows, param_tensor, set_weight, weight_f64
+from .fusion_analysis import input_groups
+
+DTYPE = torch.float64
+
+
+def smooth(gm: fx.GraphModule, ctx: PassContext) -> int:
+    alpha = ctx.options.duquant["alpha"]
+    if alpha <= 0:
+        return 0
+    rewrites = 0
+    for g in input_groups(ctx):
+        if g.transform != "duquant" or g.absmax is None:
+            continue
+        s = smooth_scales(g.absmax, [weight_f64(site) for site in g.sites], alpha=alpha)
+        for site in g.sites:
+            set_weight(gm, site, weight_f64(site) * s)
+        where = _absorb(gm, g, s)
+        if g.sample is not None:
+            g.sample = g.sample / s
+        g.absmax = g.absmax / s
+        note = f"smooth a={alpha:g} ({where})"
+        g.notes.append(note)
+        for site in g.sites:
+            site.transforms.append(note)
+        rewrites += 1
+    gm.recompile()
+    return rewrites
+
+
+def _absorb(gm: fx.GraphModule, g, s: torch.Tensor) -> str:
+    """Apply ``x / s`` upstream (free) or online; return where, for the report."""
+    if g.scale_into is not None and g.scale_into[0] == "norm":
+        mul, i = g.scale_into[1], g.scale_into[2]
+        weight_node = mul.args[i]
+        w = param_tensor(weight_node).detach()
+        folded = (w.to(DTYPE) / s).to(w.dtype)
+        const = add_constant(gm, f"lowbit_{weight_node.name}_smoothed", folded, mul)
+        args = list(mul.args)
+        args[i] = const
+        mul.args = tuple(args)
+        return "fused into the norm weight"
+    if g.scale_into is not None and g.scale_into[0] == "rows":
+        producer = g.scale_into[1]
+        fold_output_rows(gm, producer, scale=1.0 / s)
+        return f"fused into {producer.fqn} rows"
+    x = g.input
+    val = x.meta.get("example_value")
+    dtype = val.dtype if val is not None else g.sites[0].weight.dtype
+    first = min((site.node for site in g.sites), key=_order(gm))
+    s_node = add_constant(gm, f"lowbit_smooth_{g.index}", s.to(dtype), first)
+    with gm.graph.inserting_before(first):
+        div = gm.graph.call_function(operator.truediv, (x, s_node))
+    div.meta["example_value"] = val
+    div.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+    div.meta["lowbit.online_smooth"] = g.index
+    for site in g.sites:
+        site.node.replace_input_with(x, div)
+    g.input = div
+    g.online_scale = s
+    return "online"
+
+
+def _order(gm: fx.GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: index[n]

@@ -1,0 +1,356 @@
+"""Process-wide registry of what lowbit computed for each weight.
+
+The quantizing passes (``split_mixed_mm``, ``quantize_weights``,
+``quantize_weight_only``) store a site's products here, keyed by the weight's
+``nn.Parameter`` object (weakly: an entry dies with its parameter):
+
+* ``key``: what the products depend on besides the weight (recipe, weight shape and
+  dtype, and per recipe family the options that matter: outlier mode and threshold;
+  scale dtype and GPTQ settings);
+* ``tensors``: the constants the passes put into the graph (int8 ``w_q`` / ``w_scale``
+  and the outlier split's ``outlier_idx`` / ``inlier_mask`` / ``w_outlier``; or the
+  weight-only ``packed`` / ``scales`` / ``zeros``). The graphs' buffers share their
+  storage, so prefill and decode graphs hold one copy;
+* ``meta``: the plan (outlier channels, bits, group size, method, SQNR, bits per weight).
+
+Reuse rules (``lookup``):
+
+* the weight was released (``free_weights`` or ``qcompile.load``: a zero-memory
+  placeholder, see ``placeholder``): the products whose key matches are used, and
+  nothing is computed from the placeholder; no match is a ``ValueError``;
+* the products are *pinned* (loaded from a file, or their weight is shared with a
+  module that keeps it, e.g. a tied embedding) and the weight is unchanged since:
+  they are used as they are (no calibration needed);
+* otherwise they are reused only while the weight is unchanged (same storage and
+  version counter) and the calibration-dependent inputs match (the same outlier
+  channels; for GPTQ the same ``SiteStats`` object). Else the pass recomputes and
+  replaces them.
+
+``free_weight`` releases a parameter's storage in place (same ``Parameter``
+object, data swapped for ``torch.zeros((), dtype).expand(shape)``) and installs a
+forward pre-hook on its ``nn.Linear`` modules that raises when they are called
+eagerly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .recipes import get_recipe
+
+# Parameter -> {canonical key json -> Artifact}
+REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+MAX_UNPINNED_PER_WEIGHT = 4  # older unpinned products of a weight are dropped
+_clock = itertools.count(1)
+
+FREED_MESSAGE = (
+    "lowbit freed this layer's full-precision weight ({what}): run the compiled model, "
+    "or compile without free_weights / load the full-precision weights again"
+)
+
+
+@dataclass
+class Artifact:
+    key: dict
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    deps: Any = None  # calibration-dependent inputs (outlier list, or a weakref to SiteStats)
+    fingerprint: tuple | None = None  # of the weight the products were computed from
+    pinned: bool = False
+    sites: dict[str, int] = field(default_factory=dict)  # site fqn -> last use (clock)
+    released: bool = False  # its weight was replaced by a placeholder (free_weights, load)
+    fp_needed: bool = False  # a graph still reads the fp weight besides the quantized site
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def touch(self, fqn: str) -> None:
+        self.sites[fqn] = next(_clock)
+
+
+# placeholders -------------------------------------------------------------------
+
+
+def placeholder(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A tensor of ``shape`` that holds one element of memory (all strides 0)."""
+    return torch.zeros((), dtype=dtype, device=device).expand(tuple(shape))
+
+
+def is_freed(t: torch.Tensor) -> bool:
+    """True when ``t`` (e.g. a parameter) holds less memory than its elements need."""
+    if t.device.type == "meta" or t.numel() <= 1:
+        return False
+    return t.untyped_storage().nbytes() < t.numel() * t.element_size()
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    return (
+        t.data_ptr(),
+        t._version,
+        tuple(t.shape),
+        tuple(t.stride()),
+        str(t.dtype),
+        str(t.device),
+    )
+
+
+# keys ---------------------------------------------------------------------------
+
+
+def act_dtype(site) -> torch.dtype:
+    out = site.node.meta.get("example_value")
+    return out.dtype if isinstance(out, torch.Tensor) else site.weight.dtype
+
+
+def site_key(site, ctx) -> dict:
+    """What a site's products depend on besides the weight and the calibration."""
+    recipe = get_recipe(site.scheme)
+    key: dict[str, Any] = {
+        "scheme": site.scheme,
+        "weight_shape": list(site.weight.shape),
+        "weight_dtype": str(site.weight.dtype).removeprefix("torch."),
+    }
+    if recipe.weight_only:
+        key["scale_dtype"] = str(act_dtype(site)).removeprefix("torch.")
+        if recipe.gptq:
+            key["gptq"] = dict(sorted(ctx.options.gptq.items()))
+    elif recipe.mixed:
+        key["outlier_mode"] = ctx.options.outlier_mode
+        key["threshold"] = ctx.options.threshold
+    return key
+
+
+def key_str(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+# lookup / store ---------------------------------------------------------------------
+
+
+def _same_deps(stored, wanted) -> bool:
+    if isinstance(stored, weakref.ref):
+        return stored() is not None and stored() is wanted
+    return stored == wanted
+
+
+def tracked(site) -> bool:
+    """Whether ``site``'s products are kept here: its weight is the model's own parameter
+    (not a copy folded by an equivalence transform, whose products depend on more)."""
+    return (
+        isinstance(site.weight, torch.nn.Parameter)
+        and not getattr(site, "transforms", None)
+        and getattr(get_recipe(site.scheme), "transform", None) is None
+    )
+
+
+def lookup(site, ctx, deps: Any = None) -> Artifact | None:
+    """The stored products for ``site`` under the current options, if they may be reused.
+
+    ``deps``: the calibration-dependent inputs the caller would compute from
+    (ignored for released weights and pinned products). Raises ``ValueError`` when
+    the site's weight was released and nothing stored matches.
+    """
+    w = site.weight
+    key = site_key(site, ctx)
+    if not tracked(site):
+        if is_freed(w):
+            raise ValueError(missing_message(site, key))
+        return None
+    art = (REGISTRY.get(w) or {}).get(key_str(key))
+    if is_freed(w):
+        if art is None:
+            raise ValueError(missing_message(site, key))
+        art.touch(site.fqn)
+        return art
+    if art is None or art.fingerprint != fingerprint(w):
+        return None
+    if not art.pinned and not _same_deps(art.deps, deps):
+        return None
+    art.touch(site.fqn)
+    return art
+
+
+def pinned_for(site, ctx) -> Artifact | None:
+    """Products ``site`` must use without calibrating (released weight, or loaded ones).
+
+    Raises ``ValueError`` when the weight was released and no products match the
+    site's recipe and options (including sites that would stay in full precision).
+    """
+    w = site.weight
+    if (
+        not is_freed(w)
+        and w.device.type != "meta"
+        and any(a.released for a in artifacts_of(w))
+        and not bool(w.detach().any())
+    ):
+        raise ValueError(
+            f"lowbit: the released weight of {site.fqn} now holds zeros: it was materialized "
+            "(e.g. by model.to(...) or .half()) after lowbit released it; move or cast the model "
+            "before compiling, or qcompile.load(path, model, device=...)"
+        )
+    quantizes = site.skip_reason is None and get_recipe(site.scheme).quantize
+    if not quantizes:
+        if is_freed(w):
+            raise ValueError(
+                f"lowbit: the full-precision weight of {site.fqn} was released (free_weights or "
+                f"qcompile.load), but this compile keeps the site in full precision "
+                f"({site.skip_reason or 'recipe ' + repr(site.scheme)}); compile with the recipe "
+                "it was quantized with, or load the full-precision weights again"
+            )
+        return None
+    art = lookup(site, ctx, deps=_NO_DEPS)
+    if art is not None and (art.pinned or is_freed(w)):
+        return art
+    return None
+
+
+_NO_DEPS = object()  # never equal to stored deps: only pinned / freed products match
+
+
+def missing_message(site, key: dict) -> str:
+    stored = [a.key for a in (REGISTRY.get(site.weight) or {}).values()]
+    return (
+        f"lowbit: the full-precision weight of {site.fqn} was released (free_weights or "
+        f"qcompile.load) and no stored quantization matches this compile ({key}); stored: "
+        f"{stored or 'none'}. Compile with the recipe and options it was quantized with, or "
+        "load the full-precision weights again"
+    )
+
+
+def store(
+    site, ctx, tensors: dict[str, torch.Tensor], meta: dict, deps: Any = None
+) -> Artifact | None:
+    """Record ``site``'s freshly computed products (replacing stale ones for its key)."""
+    w = site.weight
+    if not tracked(site):
+        return None
+    art = Artifact(
+        key=site_key(site, ctx),
+        tensors={k: v.detach() for k, v in tensors.items()},
+        meta=dict(meta),
+        deps=deps,
+        fingerprint=fingerprint(w),
+    )
+    art.touch(site.fqn)
+    register(w, art)
+    return art
+
+
+def register(param: torch.Tensor, art: Artifact) -> None:
+    arts = REGISTRY.get(param)
+    if arts is None:
+        arts = REGISTRY[param] = {}
+    arts[key_str(art.key)] = art
+    unpinned = sorted(
+        (a for a in arts.values() if not a.pinned), key=lambda a: max(a.sites.values(), default=0)
+    )
+    for old in unpinned[:-MAX_UNPINNED_PER_WEIGHT]:
+        del arts[key_str(old.key)]
+
+
+def artifacts_of(param: torch.Tensor) -> list[Artifact]:
+    return list((REGISTRY.get(param) or {}).values())
+
+
+def clear() -> None:
+    """Forget every stored product (released weights can then not be compiled again)."""
+    REGISTRY.clear()
+
+
+# memory -------------------------------------------------------------------------------
+
+
+def replaced_weights(gm, ctx) -> list[tuple[torch.nn.Parameter, str, list[str]]]:
+    """``(parameter, placeholder source name, site module FQNs)`` of every quantized
+    site's weight that the graph no longer reads (its placeholder has no users)."""
+    by_param: dict[int, tuple] = {}
+    for site in ctx.sites:
+        if site.skip_reason or not get_recipe(site.scheme).quantize:
+            continue
+        by_param.setdefault(id(site.weight), (site.weight, []))[1].append(site.module_fqn)
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        example = getattr(grapharg, "example", None)
+        if example is None or id(example) not in by_param or node.users:
+            continue
+        param, modules = by_param.pop(id(example))
+        out.append((param, grapharg.source.name, modules))
+    for param, _ in by_param.values():  # the graph still reads these fp weights
+        for art in artifacts_of(param):
+            art.fp_needed = True
+    return out
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_of(gm, replaced) -> dict[str, int]:
+    """Bytes of the fp weights the graph replaced, of its quantized constants, and of
+    the replaced weights already released."""
+    quantized = sum(nbytes(b) for name, b in gm.named_buffers() if name.startswith("lowbit_"))
+    return {
+        "fp_bytes_replaced": sum(nbytes(p) for p, _, _ in replaced),
+        "quantized_bytes": quantized,
+        "freed_bytes": sum(nbytes(p) for p, _, _ in replaced if is_freed(p)),
+    }
+
+
+# releasing weights -----------------------------------------------------------------------
+
+
+def linear_owners(root: torch.nn.Module, param: torch.Tensor):
+    """``(owners, all_linear)``: ``(name, module)`` of every module holding ``param``,
+    and whether each is an ``nn.Linear`` holding it as its ``weight``."""
+    owners, all_linear = [], True
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            if p is param:
+                owners.append((mod_name, mod))
+                all_linear &= isinstance(mod, torch.nn.Linear) and name == "weight"
+    return owners, all_linear and bool(owners)
+
+
+class _RaiseIfFreed:
+    """Forward pre-hook: an eager call of a linear whose weight lowbit released raises."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: torch.nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        weight = module._parameters.get("weight")
+        # a placeholder, or one materialized as zeros (model.to(...) after the release)
+        if weight is not None and (is_freed(weight) or not bool(weight.detach().any())):
+            what = f"{self.name or type(module).__name__}.weight, {tuple(weight.shape)}"
+            raise RuntimeError(FREED_MESSAGE.format(what=what))
+
+
+def guard_eager_calls(module: torch.nn.Module, name: str = "") -> None:
+    """Make an eager call of ``module`` raise while its weight is released."""
+    if getattr(module, "_lowbit_freed_hook", None) is None:
+        module._lowbit_freed_hook = module.register_forward_pre_hook(_RaiseIfFreed(name))
+
+
+def free_weight(param: torch.nn.Parameter, owners) -> int:
+    """Release ``param``'s storage in place and guard its ``(name, nn.Linear)`` owners;
+    returns the bytes released (0 if it was already)."""
+    if is_freed(param):
+        return 0
+    size = nbytes(param)
+    for art in (REGISTRY.get(param) or {}).values():
+        art.pinned = art.released = True  # reused from now on without calibration
+    param.data = placeholder(param.shape, param.dtype, param.device)
+    for name, mod in owners:
+        guard_eager_calls(mod, name)
+    return size

@@ -1,0 +1,473 @@
+"""``qcompile.save`` / ``qcompile.load``: a quantized model as one safetensors file.
+
+``save(model, path)`` writes what lowbit produced for ``model`` (compiled with
+``backend="lowbit"`` and run at least once): the stored products of every
+quantized linear weight (``qcompile.artifacts``: int8 weights and scales, outlier
+columns; or packed codes, scales and zero points), keyed by the weight's FQN, and
+every other parameter and buffer in full precision (embeddings, norms, sites left
+in full precision; a quantized weight also used by another module, e.g. a tied
+embedding, is kept in full precision too). The safetensors metadata holds a JSON
+plan (format and version, the model's class and config, per weight its shape,
+dtype, aliases and products: recipe key, outlier channels, bits, group size,
+method, tensor names) and a SHA-256 of the plan and every tensor.
+
+``load(path, model)`` applies the file to a freshly constructed model of the same
+class and configuration (on the meta device, or with any fp weights): it
+validates everything first and raises ``ValueError`` naming the problem without
+touching the model; then it sets the full-precision tensors, makes each
+quantized linear's weight a zero-memory placeholder (as ``free_weights`` does:
+eager calls of those layers raise) and registers the stored products under the new
+parameters, so ``torch.compile(model, backend="lowbit", options=<same recipe>)``
+reproduces the saved model's outputs bit for bit without calibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import artifacts
+
+FORMAT = "lowbit.model"
+VERSION = 1
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+@dataclass
+class _Group:
+    """One parameter or buffer of a model, with every name and module that holds it."""
+
+    name: str  # first name in named_modules order
+    kind: str  # "parameter" | "buffer"
+    tensor: torch.Tensor
+    aliases: list[str] = field(default_factory=list)
+    owners: list[tuple[str, torch.nn.Module, str]] = field(default_factory=list)
+    persistent: bool = True
+
+    @property
+    def linear_only(self) -> bool:
+        return self.kind == "parameter" and all(
+            isinstance(mod, torch.nn.Linear) and attr == "weight" for _, mod, attr in self.owners
+        )
+
+
+def _unwrap(model):
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod  # torch.compile(model) -> OptimizedModule
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"lowbit: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _groups(model: torch.nn.Module) -> dict[str, _Group]:
+    """Alias name -> group, for every parameter and buffer (tied ones share a group)."""
+    by_id: dict[int, _Group] = {}
+    by_name: dict[str, _Group] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                name = f"{mod_name}.{attr}" if mod_name else attr
+                g = by_id.get(id(t))
+                if g is None:
+                    g = by_id[id(t)] = _Group(name, kind, t)
+                    if kind == "buffer":
+                        g.persistent = attr not in mod._non_persistent_buffers_set
+                if name not in g.aliases:
+                    g.aliases.append(name)
+                if not any(m is mod and a == attr for _, m, a in g.owners):
+                    g.owners.append((mod_name, mod, attr))
+                by_name[name] = g
+    return by_name
+
+
+def _unique(groups: dict[str, _Group]) -> list[_Group]:
+    seen, out = set(), []
+    for g in groups.values():
+        if id(g) not in seen:
+            seen.add(id(g))
+            out.append(g)
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _config_dict(model) -> dict | None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(plan_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{tuple(tensors[name].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# save -------------------------------------------------------------------------------
+
+
+def _saved_artifacts(g: _Group) -> list[artifacts.Artifact]:
+    """The products the model uses now: per site FQN, the most recently used ones."""
+    latest: dict[str, artifacts.Artifact] = {}
+    for art in artifacts.artifacts_of(g.tensor):
+        for fqn, used in art.sites.items():
+            if fqn not in latest or latest[fqn].sites[fqn] < used:
+                latest[fqn] = art
+    out = []
+    for art in latest.values():
+        if not any(a is art for a in out):
+            out.append(art)
+    return out
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write lowbit's products for ``model`` and its other weights to ``path``.
+
+    ``model``: compiled with ``backend="lowbit"`` (``torch.compile(model)`` or
+    ``model.compile(...)``) and run at least once. ``ValueError`` when lowbit has
+    quantized nothing of it, or a quantized weight changed since it was compiled.
+    """
+    model = _unwrap(model)
+    tensors: dict[str, torch.Tensor] = {}
+    fp_plan: dict[str, dict] = {}
+    q_plan: dict[str, dict] = {}
+    storages: set[int] = set()
+
+    def put(name: str, t: torch.Tensor) -> str:
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # safetensors refuses tensors that share memory
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+        return name
+
+    for g in _unique(_groups(model)):
+        entry = {
+            "kind": g.kind,
+            "shape": list(g.tensor.shape),
+            "dtype": _dtype_name(g.tensor.dtype),
+            "aliases": g.aliases,
+        }
+        if g.kind == "parameter":
+            entry["requires_grad"] = g.tensor.requires_grad
+        else:
+            entry["persistent"] = g.persistent
+        if g.tensor.device.type == "meta":
+            raise ValueError(f"lowbit.save: {g.name} is on the meta device (not loaded)")
+        arts = _saved_artifacts(g) if g.kind == "parameter" else []
+        freed = artifacts.is_freed(g.tensor)
+        for art in arts:
+            if not freed and art.fingerprint != artifacts.fingerprint(g.tensor):
+                raise ValueError(
+                    f"lowbit.save: {g.name} changed after lowbit quantized it; compile and run "
+                    "the model again before saving"
+                )
+        if not arts:
+            if freed:
+                raise ValueError(
+                    f"lowbit.save: the weight {g.name} was released and lowbit holds no products "
+                    "for it"
+                )
+            fp_plan[g.name] = {**entry, "tensor": put(f"fp/{g.name}", g.tensor)}
+            continue
+        keep_fp = not g.linear_only or any(a.fp_needed for a in arts)
+        if keep_fp and freed:  # pragma: no cover - free_weights only releases linear-only
+            raise ValueError(f"lowbit.save: {g.name} was released but is not linear-only")
+        entry["keep_fp"] = keep_fp
+        entry["tensor"] = put(f"fp/{g.name}", g.tensor) if keep_fp else None
+        entry["artifacts"] = [
+            {
+                "key": art.key,
+                "meta": _clean(art.meta),
+                "sites": sorted(art.sites),
+                "tensors": {
+                    role: put(f"q/{g.name}/{i}/{role}", t)
+                    for role, t in sorted(art.tensors.items())
+                },
+            }
+            for i, art in enumerate(arts)
+        ]
+        q_plan[g.name] = entry
+    if not q_plan:
+        raise ValueError(
+            f"lowbit.save: lowbit has quantized none of this {type(model).__name__}'s weights; "
+            "compile it with torch.compile(model, backend='lowbit', options=...) and run it "
+            "once before saving"
+        )
+    recipes = sorted({a["key"]["scheme"] for e in q_plan.values() for a in e["artifacts"]})
+    plan = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_class": type(model).__name__,
+        "config": _config_dict(model),
+        "recipes": recipes,
+        "fp": fp_plan,
+        "quantized": q_plan,
+        "tensors": {
+            n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in tensors.items()
+        },
+        "data_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
+    plan_json = json.dumps(plan, sort_keys=True)
+    metadata = {"lowbit": plan_json, "lowbit_sha256": _digest(plan_json, tensors)}
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# load -------------------------------------------------------------------------------
+
+
+def _bad(path: str, what: str) -> ValueError:
+    return ValueError(f"lowbit.load: {path!r}: {what}")
+
+
+def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The plan and tensors of a lowbit model file; ``ValueError`` for anything wrong."""
+    if not os.path.isfile(path):
+        raise _bad(path, "no such file")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"truncated ({size} bytes): not a safetensors file")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise _bad(path, f"truncated: the header needs {n} bytes, the file has {size - 8}")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("lowbit.load"):
+            raise
+        raise _bad(path, f"corrupt safetensors header ({e})") from None
+    expected = 8 + n + max(ends)
+    if size < expected:
+        raise _bad(path, f"truncated: {size} bytes, the header describes {expected}")
+    if size > expected:
+        raise _bad(path, f"corrupt: {size - expected} unexpected bytes after the tensor data")
+    meta = header.get("__metadata__") or {}
+    if "lowbit" not in meta or "lowbit_sha256" not in meta:
+        raise _bad(
+            path, "not a lowbit model file (no lowbit metadata; write it with qcompile.save)"
+        )
+    try:
+        plan = json.loads(meta["lowbit"])
+    except json.JSONDecodeError as e:
+        raise _bad(path, f"corrupt plan metadata ({e})") from None
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise _bad(path, f"not a lowbit model file (format {plan.get('format')!r})")
+    if plan.get("version") != VERSION:
+        raise _bad(
+            path, f"format version {plan.get('version')!r} is not supported (this is {VERSION})"
+        )
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _bad(path, f"cannot read the tensors ({e})") from None
+    if _digest(meta["lowbit"], tensors) != meta["lowbit_sha256"]:
+        raise _bad(path, "checksum mismatch: the file is corrupt")
+    try:
+        listed = plan["tensors"]
+        if set(listed) != set(tensors) or plan["data_bytes"] != max(ends):
+            raise _bad(path, "the plan does not describe the file's tensors")
+        for name, spec in listed.items():
+            t = tensors[name]
+            if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"]:
+                raise _bad(path, f"tensor {name} does not match the plan")
+        for section in ("fp", "quantized"):
+            if not isinstance(plan[section], dict):
+                raise _bad(path, f"bad plan section {section!r}")
+    except (KeyError, TypeError) as e:
+        raise _bad(path, f"incomplete plan (missing {e})") from None
+    return plan, tensors
+
+
+_VOLATILE_CONFIG = (
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+)
+
+
+def _config_hint(plan: dict, model) -> str:
+    """`` (config differs: hidden_size 32 in the file, 48 in the model)`` or ``''``."""
+    saved, now = plan.get("config"), _config_dict(model)
+    if not isinstance(saved, dict) or now is None:
+        return ""
+    diff = [
+        f"{k} {saved.get(k)!r} in the file, {now.get(k)!r} in the model"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and k not in _VOLATILE_CONFIG and not k.startswith("_")
+    ]
+    return f" (config differs: {'; '.join(diff[:4])})" if diff else ""
+
+
+def _validate(path: str, plan: dict, tensors: dict, model, groups: dict[str, _Group]) -> None:
+    cls = type(model).__name__
+    if plan.get("model_class") != cls:
+        raise _bad(path, f"written for a {plan.get('model_class')}, not this {cls}")
+    try:
+        _check_entries(path, plan, tensors, groups)
+    except ValueError as e:
+        raise ValueError(str(e) + _config_hint(plan, model)) from None
+
+
+def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Group]) -> None:
+    covered: set[int] = set()
+    for section in ("fp", "quantized"):
+        for name, e in plan[section].items():
+            try:
+                kind, shape, dtype, aliases = e["kind"], e["shape"], e["dtype"], e["aliases"]
+            except KeyError as err:
+                raise _bad(path, f"incomplete plan entry for {name} (missing {err})") from None
+            g = groups.get(name)
+            if g is None:
+                raise _bad(path, f"the model has no {kind} {name} (another architecture?)")
+            if g.kind != kind:
+                raise _bad(path, f"{name} is a {g.kind} of the model, the file has a {kind}")
+            if sorted(g.aliases) != sorted(aliases):
+                raise _bad(
+                    path,
+                    f"{name} is shared by {sorted(aliases)} in the file but by "
+                    f"{sorted(g.aliases)} in the model (tied weights differ)",
+                )
+            if list(g.tensor.shape) != shape or _dtype_name(g.tensor.dtype) != dtype:
+                raise _bad(
+                    path,
+                    f"{name} is {dtype}{shape} in the file but {_dtype_name(g.tensor.dtype)}"
+                    f"{list(g.tensor.shape)} in the model (another configuration or dtype?)",
+                )
+            if id(g) in covered:
+                raise _bad(path, f"{name} appears twice in the plan")
+            covered.add(id(g))
+            if e.get("tensor") is not None and e["tensor"] not in tensors:
+                raise _bad(path, f"the tensor of {name} is missing")
+            if section == "fp":
+                continue
+            if not e.get("keep_fp") and not g.linear_only:
+                raise _bad(
+                    path, f"{name} is quantized in the file but not only an nn.Linear weight"
+                )
+            if e.get("keep_fp") and e.get("tensor") is None:
+                raise _bad(path, f"the full-precision tensor of {name} is missing")
+            for art in e.get("artifacts") or []:
+                if art["key"].get("weight_shape") != shape or any(
+                    t not in tensors for t in art["tensors"].values()
+                ):
+                    raise _bad(path, f"the products of {name} are incomplete or inconsistent")
+            if not e.get("artifacts"):
+                raise _bad(path, f"no products recorded for {name}")
+    missing = [g.name for g in _unique(groups) if id(g) not in covered]
+    if missing:
+        raise _bad(
+            path,
+            f"the model has {len(missing)} parameter(s)/buffer(s) the file does not, e.g. "
+            f"{missing[:3]} (another architecture or configuration?)",
+        )
+
+
+def _model_device(model) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _assign(g: _Group, value: torch.Tensor) -> torch.Tensor:
+    if g.kind == "parameter":
+        value = torch.nn.Parameter(value, requires_grad=g.tensor.requires_grad)
+    for _, mod, attr in g.owners:
+        (mod._parameters if g.kind == "parameter" else mod._buffers)[attr] = value
+    return value
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module, *, device=None) -> torch.nn.Module:
+    """Apply a file written by ``qcompile.save`` to ``model`` and return ``model``.
+
+    ``model``: a freshly constructed model of the saved class and configuration,
+    e.g. ``with torch.device("meta"): model = LlamaForCausalLM(config)``, or one with
+    (any) full-precision weights, which the file's replace. ``device``: where the
+    tensors go (default: the model's, or CPU for a meta model). Everything is
+    checked before the model is touched: a missing, truncated or corrupt file, another
+    format version, another model class, a parameter the model lacks or has with
+    another shape or dtype are a ``ValueError`` and leave the model as it was.
+    """
+    path = os.fspath(path)
+    plan, tensors = _read(path)
+    root = _unwrap(model)
+    groups = _groups(root)
+    _validate(path, plan, tensors, root, groups)
+    device = torch.device(device) if device is not None else _model_device(root)
+
+    for name, e in plan["fp"].items():
+        _assign(groups[name], tensors[e["tensor"]].to(device))
+    for name, e in plan["quantized"].items():
+        g = groups[name]
+        if e["keep_fp"]:
+            param = _assign(g, tensors[e["tensor"]].to(device))
+        else:
+            param = _assign(g, artifacts.placeholder(e["shape"], g.tensor.dtype, device))
+            for mod_name, mod, _ in g.owners:
+                artifacts.guard_eager_calls(mod, mod_name)
+        for spec in e["artifacts"]:
+            art = artifacts.Artifact(
+                key=spec["key"],
+                tensors={role: tensors[t].to(device) for role, t in spec["tensors"].items()},
+                meta=dict(spec["meta"]),
+                fingerprint=artifacts.fingerprint(param),
+                pinned=True,
+                released=not e["keep_fp"],
+                fp_needed=e["keep_fp"],
+            )
+            for fqn in spec["sites"]:
+                art.touch(fqn)
+            artifacts.register(param, art)
+    return model

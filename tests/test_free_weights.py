@@ -1,0 +1,175 @@
+"""options["free_weights"]: after the first compiled call the fp weights of the replaced
+linears are released; the compiled model's outputs do not change (including the
+recompile that follows and a new input shape), eager calls of a released layer raise,
+and without the option the user's parameters are untouched."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from helpers import TinySpec, build_model, eager_logits, input_ids
+
+import qcompile
+from qcompile import artifacts
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+SPEC = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
+LINEAR_BYTES = 4 * (4 * 32 * 32 + 3 * 32 * 64 + 64 * 32 - 2 * 16 * 32)  # q,o + k,v + mlp + head
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the unique storages behind the model's parameters and buffers."""
+    storages = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def options(recipe: str, calibration, **extra) -> dict:
+    opts = {"recipe": recipe, "calibration": calibration, "handoff": "eager", **extra}
+    if recipe == "int8-mixed":
+        opts["threshold"] = 0.5
+    return opts
+
+
+@pytest.fixture
+def model_and_data():
+    model = build_model(SPEC)
+    calibration = qcompile.calibrate(model, [input_ids(SPEC, batch=2, seq=16, seed=2)])
+    return model, calibration, input_ids(SPEC, batch=1, seq=8), input_ids(SPEC, batch=1, seq=5)
+
+
+def reference_logits(model, opts, *inputs) -> list[torch.Tensor]:
+    """What a copy of the model compiled without free_weights returns."""
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    fast = torch.compile(twin, backend="lowbit", options=opts)
+    with torch.no_grad():
+        return [fast(x).logits for x in inputs]
+
+
+def test_outputs_unchanged_memory_released(model_and_data):
+    model, calibration, ids, short = model_and_data
+    opts = options("int8-mixed", calibration)  # split + int8 products
+    ref_long, ref_short = reference_logits(model, opts, ids, short)
+    before = resident_bytes(model)
+
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
+    with torch.no_grad():
+        first = fast(ids).logits  # compiles, runs, then releases the fp weights
+        after = resident_bytes(model)
+        second = fast(ids).logits  # stride guard fails: recompiles on the placeholders
+        third = fast(ids).logits
+        other_shape = fast(short).logits  # another recompile
+    for out in (first, second, third):
+        assert torch.equal(out, ref_long)
+    assert torch.equal(other_shape, ref_short)
+    assert before - after == LINEAR_BYTES - 8 * 4  # 8 linears, each keeps a 4-byte scalar
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert artifacts.is_freed(mod.weight), name
+            assert mod.weight.shape == (mod.out_features, mod.in_features)
+    assert not artifacts.is_freed(model.model.embed_tokens.weight)
+    reports = qcompile.compiled_reports()[-3:]
+    assert [r.memory["fp_bytes_replaced"] for r in reports] == [LINEAR_BYTES] * 3
+    assert all(r.memory["freed_bytes"] == LINEAR_BYTES for r in reports)
+    assert "released" in reports[0].summary()
+    assert 0 < reports[0].memory["quantized_bytes"]
+
+
+def test_eager_call_of_a_released_layer_raises(model_and_data):
+    model, calibration, ids, _ = model_and_data
+    torch._dynamo.reset()
+    fast = torch.compile(
+        model, backend="lowbit", options=options("w8a8", calibration, free_weights=True)
+    )
+    with torch.no_grad():
+        fast(ids)
+        with pytest.raises(RuntimeError, match="lowbit freed") as ei:
+            model(ids)  # the user's model, eagerly
+        assert "model.layers.0.self_attn.q_proj.weight" in str(ei.value)
+        assert "compile without free_weights" in str(ei.value)
+        with pytest.raises(RuntimeError, match="lowbit freed"):
+            model.model.layers[0].mlp.down_proj(torch.ones(1, 64))
+        model.model.embed_tokens(ids)  # not replaced: still works
+
+
+def test_other_recipe_on_released_weights_raises(model_and_data):
+    model, calibration, ids, _ = model_and_data
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(
+            model, backend="lowbit", options=options("w8a8", calibration, free_weights=True)
+        )(ids)
+        for other in ({"recipe": "w4a16-g32"}, {"recipe": "w8a8", "overrides": {"lm_head": "fp"}}):
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="was released") as ei:
+                torch.compile(model, backend="lowbit", options={"handoff": "eager", **other})(ids)
+            inner = getattr(ei.value, "inner_exception", ei.value)  # BackendCompilerFailed
+            assert isinstance(inner, ValueError)
+        torch._dynamo.reset()  # the same recipe needs no calibration
+        torch.compile(model, backend="lowbit", options={"recipe": "w8a8", "handoff": "eager"})(ids)
+
+
+def test_tied_embedding_is_kept():
+    spec = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=True)
+    model = build_model(spec)
+    ids = input_ids(spec, batch=1, seq=8)
+    calibration = qcompile.calibrate(model, [ids])
+    opts = options("w8a8", calibration)
+    (ref,) = reference_logits(model, opts, ids)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
+    with torch.no_grad():
+        outs = [fast(ids).logits for _ in range(2)]
+    assert all(torch.equal(o, ref) for o in outs)
+    assert not artifacts.is_freed(model.lm_head.weight)  # the embedding reads it
+    assert artifacts.is_freed(model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_without_free_weights_the_model_is_untouched(model_and_data):
+    model, calibration, ids, short = model_and_data
+    params = {k: (p, p.detach().clone(), p.data_ptr()) for k, p in model.named_parameters()}
+    before, ref = resident_bytes(model), eager_logits(model, ids)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="lowbit", options=options("w4a16-g32", calibration))
+    with torch.no_grad():
+        for x in (ids, ids, short):
+            fast(x)
+    assert qcompile.compiled_reports()[-1].memory["freed_bytes"] == 0
+    assert "free_weights" in qcompile.compiled_reports()[-1].summary()
+    assert resident_bytes(model) == before
+    for k, p in model.named_parameters():
+        obj, value, ptr = params[k]
+        assert p is obj and p.data_ptr() == ptr and torch.equal(p, value), k
+    assert torch.equal(eager_logits(model, ids), ref)
+
+
+def test_generate_with_free_weights():
+    """prefill and decode graphs: both reuse the products after the release."""
+    spec = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
+    model = build_model(spec)
+    prompt = input_ids(spec, batch=1, seq=6)
+    calibration = qcompile.calibrate(model, [input_ids(spec, batch=2, seq=16)])
+    opts = options("w8a8", calibration)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        twin.compile(backend="lowbit", options=opts)
+        expected = twin.generate(prompt, max_new_tokens=4, do_sample=False)
+        torch._dynamo.reset()
+        model.compile(backend="lowbit", options={**opts, "free_weights": True})
+        tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, expected)
+    assert artifacts.is_freed(model.lm_head.weight)
+
+
+def test_free_weights_must_be_a_bool():
+    with pytest.raises(ValueError, match="free_weights"):
+        qcompile.Options.parse({"free_weights": "yes"})
