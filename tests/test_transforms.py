@@ -291,8 +291,9 @@ def test_duquant_orthogonal_and_exact(seed, k, block, n, outliers, permute, seco
     ref = x @ w.T
     got = apply_to_activation(x, t) @ fold_into_weight(w, t).T
     assert float((got - ref).norm()) <= 1e-10 * float(ref.norm())
-    assert info["max_after"] <= info["max_before"]
-    assert info["max_after"] <= info["max_after_r1"] <= info["max_before"]
+    assert info["max_after"] <= info["max_before"] * (1 + 1e-12)
+    assert info["max_after"] <= info["max_after_r1"] * (1 + 1e-12)  # one ulp seen
+    assert info["max_after_r1"] <= info["max_before"]
     assert torch.equal(info["absmax_before"], x.abs().amax(0))
     assert torch.allclose(info["absmax_after"], (x @ t).abs().amax(0), rtol=0, atol=1e-12)
     assert (info["block_note"] is None) == (k % block == 0)
