@@ -92,21 +92,21 @@ def search_clip_ratios(
     calibration ``sample [rows, K]`` (its first ``max_rows`` rows; the caller passes
     the sample in the weight's input basis) or, without a sample, the weight MSE
     ``||w_n - deq(q_n)||^2``. Ratio 1.0 (plain absmax) is always a candidate, so the
-    chosen error never exceeds the unclipped one. Returns ``[N]`` float64.
+    chosen error never exceeds the unclipped one (up to the float32 the errors are
+    computed in). Returns ``[N]`` float64.
     """
-    wd = w.detach().double()
-    n = wd.shape[0]
+    qmax = qmax_for(bits)
+    wf = w.detach().float()
+    n = wf.shape[0]
+    absmax = wf.abs().amax(dim=1, keepdim=True)
     ratios = sorted({1.0, *(float(r) for r in ratios)}, reverse=True)
     x = None if sample is None else sample[:max_rows].float()
-    best_err = torch.full((n,), float("inf"), dtype=torch.float64)
+    best_err = torch.full((n,), float("inf"))
     best = torch.ones(n, dtype=torch.float64)
     for r in ratios:
-        q, s = quantize_weight_per_channel_bits(wd, bits, torch.full((n,), r))
-        d = wd - q.double() * s.double().unsqueeze(1)
-        if x is None:
-            err = d.pow(2).sum(dim=1)
-        else:
-            err = (x @ d.float().t()).double().pow(2).sum(dim=0)
+        scale = (absmax * r).clamp_min(EPS) / qmax
+        d = wf - torch.round(wf / scale).clamp_(-qmax, qmax) * scale
+        err = d.pow(2).sum(dim=1) if x is None else (x @ d.t()).pow(2).sum(dim=0)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best[better] = r

@@ -7,7 +7,8 @@ with ``T`` orthogonal ``[K, K]`` built by :func:`build_plan` from the group's sa
 
     linear(x, W_i)  ->  linear(block_rotate(x, ...), W_i @ T)     for every linear i
 
-* ``"duquant"``: ``T = P0 @ R1 @ P @ R2`` (``qcompile.transforms.duquant_transform``):
+* ``"duquant"``: ``T = P0 @ R1 @ P @ R2`` (``qcompile.transforms.duquant_transform``'s
+  composition of its building blocks, built block by block; see :func:`build_plan`):
   ``R1``, ``R2`` block-diagonal greedy rotations (``options["duquant"]["block_size"]``;
   a remainder block when it does not divide K, reported), ``P`` the zigzag
   permutation, the stage ``P @ R2`` kept only when it lowers the sample's per-token
@@ -31,15 +32,16 @@ Returns the number of input groups rotated.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from qcompile.context import PassContext, add_constant
-from qcompile.kernels.lowbit_act import block_rotate, split_blocks
+from qcompile.kernels.lowbit_act import block_rotate
 from qcompile.transforms import (
-    duquant_transform,
+    greedy_block_rotation,
     hadamard_or_random,
     per_token_quant_mse,
     zigzag_permutation,
@@ -49,37 +51,44 @@ from ._folding import drop_constant, fold_output_rows, set_weight, weight_f64
 from .fusion_analysis import InputGroup, input_groups
 
 DTYPE = torch.float64
-BUILD_ROWS = 64  # sample rows (largest norms) the greedy rotations are built from
+BUILD_ROWS = 64  # sample rows (largest block norms) each block's rotation is built from
+
+
+Blocks = tuple  # (blocks [nb, b, b] | None, tail [r, r] | None): a block-diagonal matrix
 
 
 @dataclass
 class Plan:
-    """``T = P0 @ R1 @ P @ R2`` for one input group (float64)."""
+    """``T = P0 @ R1 @ P @ R2`` for one input group (float64; ``R1``, ``R2`` as blocks)."""
 
-    r1: torch.Tensor  # [K, K] block-diagonal with blocks of ``block``
-    block: int
+    r1: Blocks  # block-diagonal R1 (a full matrix is one block)
     pre_perm: torch.Tensor | None = None  # P0, folded into producers' output rows
     perm: torch.Tensor | None = None  # P (online gather)
-    r2: torch.Tensor | None = None  # [K, K] block-diagonal, or None
+    r2: Blocks | None = None  # block-diagonal R2, or None
     notes: list[str] = field(default_factory=list)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ T`` (float64), block by block."""
+        """``x @ T`` for ``x [rows, K]`` (float64), block by block."""
         y = x if self.pre_perm is None else x[:, self.pre_perm]
-        y = block_rotate(y, *split_blocks(self.r1, self.block))
+        y = block_rotate(y, *self.r1)
         if self.perm is not None:
             y = y[:, self.perm]
-        return y if self.r2 is None else block_rotate(y, *split_blocks(self.r2, self.block))
+        return y if self.r2 is None else block_rotate(y, *self.r2)
 
     def fold(self, w: torch.Tensor) -> torch.Tensor:
         """``W @ T`` for ``W [N, K]`` (T acts on the input channels)."""
         return self.apply(w)
 
+    def matrix(self, k: int) -> torch.Tensor:
+        """``T`` as a dense ``[K, K]`` matrix (for tests and debugging)."""
+        return self.apply(torch.eye(k, dtype=DTYPE))
+
 
 def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for g in input_groups(ctx):
-        plan = build_plan(g, ctx.options.duquant)
+        with _one_thread():  # many tiny matmuls: extra OpenMP threads only contend
+            plan = build_plan(g, ctx.options.duquant)
         _apply_plan(gm, g, plan)
         rewrites += 1
     gm.recompile()
@@ -87,13 +96,21 @@ def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def build_plan(g: InputGroup, opts) -> Plan:
-    """The transform of one group, from its (smoothed) sample. Tests may replace it."""
+    """The transform of one group, from its (smoothed) sample. Tests may replace it.
+
+    DuQuant's composition is ``qcompile.transforms.duquant_transform``'s (same greedy
+    block rotations and seeds, zigzag permutation from the channel maxima after R1,
+    second stage gated on the per-token error at the group's activation bits), built
+    block by block (no dense K x K matrices) with each block's rotation built from
+    the sample rows with the largest norms in that block (``_build_rows``); the gate
+    uses the whole sample.
+    """
     k = g.in_features
     seed = 10007 * g.index
     if g.transform == "hadamard":
         h, kind = hadamard_or_random(k, seed=seed)
-        return Plan(r1=h, block=k, notes=[f"{kind} {k}x{k} (online)"])
-    block, steps, permute = opts["block_size"], opts["steps"], opts["permute"]
+        return Plan(r1=(h[None], None), notes=[f"{kind} {k}x{k} (online)"])
+    block, steps, permute = min(opts["block_size"], k), opts["steps"], opts["permute"]
     x = g.sample if g.sample is not None else g.absmax[None, :]
     notes = []
     pre = None
@@ -101,50 +118,46 @@ def build_plan(g: InputGroup, opts) -> Plan:
         pre = zigzag_permutation(x.abs().amax(dim=0), block)
         x = x[:, pre]
         notes.append("zigzag P0 (fused into " + ", ".join(s.fqn for s in g.perm_into) + " rows)")
-    t, info = duquant_transform(
-        _build_rows(x, block),
-        block_size=block,
-        steps=steps,
-        permute=permute,
-        second_rotation=permute,
-        seed=seed,
-        gate_bits=None,
-    )
-    r1, perm, r2 = info["R1"], info["perm"], info["R2"]
-    nb, rem = divmod(k, min(block, k))
-    shape = f"{nb}x{min(block, k)}" + (f"+{rem} (remainder block)" if rem else "")
-    notes.append(f"R1 {shape} (online)")
-    if permute:
-        # DuQuant's second stage, gated on the FULL sample at the activation bits
-        x1 = block_rotate(x, *split_blocks(r1, block))
-        x2 = block_rotate(x1[:, perm], *split_blocks(r2, block))
+    r1 = _greedy_blocks(x, block, steps, seed)
+    nb, rem = divmod(k, block)
+    notes.append(f"R1 {nb}x{block}" + (f"+{rem} (remainder block)" if rem else "") + " (online)")
+    perm = r2 = None
+    if permute and k > block:
+        x1 = block_rotate(x, *r1)
+        perm = zigzag_permutation(x1.abs().amax(dim=0), block)
+        r2 = _greedy_blocks(x1[:, perm], block, steps, seed + 7919)
+        x2 = block_rotate(x1[:, perm], *r2)
         bits = min(g.act_bits, 8)
         if per_token_quant_mse(x2, bits) < per_token_quant_mse(x1, bits):
             notes.append("zigzag P + R2 (online)")
-        else:
-            perm, r2 = None, None
+        else:  # DuQuant's second-stage gate (see transforms.duquant_transform)
+            perm = r2 = None
             notes.append(f"P + R2 rejected (no A{bits} error gain)")
-    else:
-        perm, r2 = None, None
-    return Plan(r1=r1, block=block, pre_perm=pre, perm=perm, r2=r2, notes=notes)
+    return Plan(r1=r1, pre_perm=pre, perm=perm, r2=r2, notes=notes)
 
 
-def _build_rows(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Rows that can hold the max after an orthogonal block map: the largest block norms.
+def _greedy_blocks(x: torch.Tensor, block: int, steps: int, seed: int) -> Blocks:
+    """``transforms.greedy_block_rotation`` of each block of channels (seed + block index)."""
+    k = x.shape[1]
+    rots = [
+        greedy_block_rotation(_build_rows(x[:, start : start + block]), steps, seed=seed + i)
+        for i, start in enumerate(range(0, k, block))
+    ]
+    full = [r for r in rots if r.shape[0] == block]
+    tail = rots[-1] if rots[-1].shape[0] != block else None
+    return (torch.stack(full) if full else None), tail
 
-    ``max|x_b @ R| <= ||x_b||``, so rows with small norms in every block cannot decide
-    the greedy rotation's objective; keeping the top rows per block makes building
-    the rotations cheap without changing what they optimize (in practice).
+
+def _build_rows(xb: torch.Tensor) -> torch.Tensor:
+    """The sample rows with the largest norms in this block.
+
+    ``max|x_b @ R| <= ||x_b||`` for an orthogonal ``R``, so a row whose block norm is
+    below the block max reached cannot decide the greedy rotation's objective; the
+    top rows are what it optimizes, at a fraction of the cost.
     """
-    if x.shape[0] <= BUILD_ROWS:
-        return x
-    keep = set()
-    per_block = max(4, BUILD_ROWS // max(1, -(-x.shape[1] // block)))
-    for start in range(0, x.shape[1], block):
-        norms = x[:, start : start + block].norm(dim=1)
-        keep.update(norms.topk(min(per_block, x.shape[0])).indices.tolist())
-    keep.update(x.norm(dim=1).topk(BUILD_ROWS).indices.tolist())
-    return x[sorted(keep)]
+    if xb.shape[0] <= BUILD_ROWS:
+        return xb
+    return xb[xb.norm(dim=1).topk(BUILD_ROWS).indices.sort().values]
 
 
 def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
@@ -159,7 +172,7 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
     r1 = plan.r1
     if g.online_scale is not None:  # merge an online x / s into R1 and drop the div
         s = g.online_scale if plan.pre_perm is None else g.online_scale[plan.pre_perm]
-        r1 = r1 / s[:, None]
+        r1 = _scale_rows(r1, 1.0 / s)
         div, x = x, x.args[0]
         s_node = div.args[1]
         for site in g.sites:
@@ -179,15 +192,13 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
     first = min((site.node for site in g.sites), key=_order(gm))
     tag = f"lowbit_rotate_{g.index}"
     consts = [None] * 5
-    b1, t1 = split_blocks(r1, plan.block)
-    consts[0] = _const(gm, f"{tag}_r1", b1, dtype, first)
-    consts[1] = _const(gm, f"{tag}_r1_tail", t1, dtype, first)
+    consts[0] = _const(gm, f"{tag}_r1", r1[0], dtype, first)
+    consts[1] = _const(gm, f"{tag}_r1_tail", r1[1], dtype, first)
     if plan.perm is not None:
         consts[2] = add_constant(gm, f"{tag}_perm", plan.perm.to(torch.int64), first)
     if plan.r2 is not None:
-        b2, t2 = split_blocks(plan.r2, plan.block)
-        consts[3] = _const(gm, f"{tag}_r2", b2, dtype, first)
-        consts[4] = _const(gm, f"{tag}_r2_tail", t2, dtype, first)
+        consts[3] = _const(gm, f"{tag}_r2", plan.r2[0], dtype, first)
+        consts[4] = _const(gm, f"{tag}_r2_tail", plan.r2[1], dtype, first)
     with graph.inserting_before(first):
         y = graph.call_function(block_rotate, (x, *consts))
     y.meta["example_value"] = val
@@ -207,6 +218,28 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
         site.act_absmax_after = after
         if site.act_absmax_before is None and x_before is not None:
             site.act_absmax_before = float(x_before.abs().max())
+
+
+@contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _scale_rows(r: Blocks, d: torch.Tensor) -> Blocks:
+    """``diag(d) @ R`` for a block-diagonal ``R`` (still block-diagonal)."""
+    blocks, tail = r
+    done = 0
+    if blocks is not None:
+        done = blocks.shape[0] * blocks.shape[1]
+        blocks = blocks * d[:done].reshape(blocks.shape[0], blocks.shape[1], 1)
+    if tail is not None:
+        tail = tail * d[done:, None]
+    return blocks, tail
 
 
 def _const(gm, name, value, dtype, before):

@@ -5,7 +5,8 @@ inputs and the graph's outputs before any exact rewrite); without ``verify`` (or
 without transformed sites) there is none and this pass does nothing.
 Check (no rewrite): run the graph on the same inputs and compare every floating
 output with the reference; on a mismatch raise :class:`LowbitVerifyError` naming the
-pass that ran last (``after``), the output and the error.
+pass that ran last (``after``), the output and the error. ``release``: this is the
+last check; the reference is dropped.
 Tolerance, relative to the output's scale (``max |ref|``, at least 1): float64
 ``1e-9``, float32 ``1e-3`` (the folds round the weights once; the online matmul and
 the reordered sums round too), 16-bit floats ``5e-2``.
@@ -27,10 +28,12 @@ class LowbitVerifyError(RuntimeError):
     """An exact pass changed what the graph computes."""
 
 
-def verify(gm: fx.GraphModule, ctx: PassContext, after: str) -> int:
+def verify(gm: fx.GraphModule, ctx: PassContext, after: str, release: bool = False) -> int:
     if ctx.verify_reference is None:
         return 0
     inputs, reference = ctx.verify_reference
+    if release:  # the last check: free the reference outputs (logits can be large)
+        ctx.verify_reference = None
     with torch.no_grad():
         outputs = gm(*inputs)
     ref_list = _flatten(reference)

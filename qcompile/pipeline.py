@@ -47,7 +47,7 @@ def run_pipeline(
     runner.run("smooth", smooth, gm, ctx)  # SmoothQuant x / s: into the norm / up rows, or online
     runner.run("verify_smooth", verify, gm, ctx, "smooth")  # options["verify"]: outputs unchanged
     runner.run("rotate", rotate, gm, ctx)  # DuQuant R1 P R2 / Hadamard: W @ T offline, x @ T online
-    runner.run("verify_rotate", verify, gm, ctx, "rotate")  # options["verify"]: outputs unchanged
+    runner.run("verify_rotate", verify, gm, ctx, "rotate", True)  # ... and frees the reference
     runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # outlier columns -> fp partial
     runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
     runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # W4A4 / W6A6 / W4A8 + lowbit ops

@@ -151,7 +151,9 @@ def test_block_rotate_matches_dense_transform(k, block):
     nb = -(-k // block)
     blocks = [random_orthogonal(min(block, k - i * block), seed=i) for i in range(nb)]
     r1 = torch.block_diag(*blocks)
-    r2 = torch.block_diag(*[random_orthogonal(b.shape[0], seed=9 + i) for i, b in enumerate(blocks)])
+    r2 = torch.block_diag(
+        *[random_orthogonal(b.shape[0], seed=9 + i) for i, b in enumerate(blocks)]
+    )
     perm = torch.randperm(k, generator=g)
     x = torch.randn(2, 3, k, generator=g, dtype=F64)
     b1, t1 = split_blocks(r1, block)
@@ -217,21 +219,21 @@ def random_plan(seed):
 
     def build(g, opts):
         gen = torch.Generator().manual_seed(seed + g.index)
-        k, block = g.in_features, opts["block_size"]
-        b = min(block, k)
+        k = g.in_features
+        b = min(opts["block_size"], k)
         sizes = [b] * (k // b) + ([k % b] if k % b else [])
 
-        def blocks(offset):
-            s = int(torch.randint(1 << 30, (1,), generator=gen)) + offset
-            return torch.block_diag(*[random_orthogonal(n, seed=s + i) for i, n in enumerate(sizes)])
+        def blocks():
+            s = int(torch.randint(1 << 30, (1,), generator=gen))
+            rots = [random_orthogonal(n, seed=s + i) for i, n in enumerate(sizes)]
+            full = [r for r in rots if r.shape[0] == b]
+            return torch.stack(full) if full else None, rots[-1] if k % b else None
 
-        pre = torch.randperm(k, generator=gen) if g.perm_into else None
         return rotate_mod.Plan(
-            r1=blocks(0),
-            block=block,
-            pre_perm=pre,
+            r1=blocks(),
+            pre_perm=torch.randperm(k, generator=gen) if g.perm_into else None,
             perm=torch.randperm(k, generator=gen),
-            r2=blocks(1000),
+            r2=blocks(),
             notes=["random plan (online)"],
         )
 
@@ -286,7 +288,7 @@ def test_calibrated_duquant_transforms_are_exact_in_float64(spec, alpha, steps, 
     """The real transforms, built from a calibration sample with planted outliers."""
     model = build_model(spec, dtype=F64)
     with torch.no_grad():
-        model.model.layers[0].input_layernorm.weight[: 3] *= 30
+        model.model.layers[0].input_layernorm.weight[:3] *= 30
     ids = input_ids(spec, batch=2, seq=6)
     cal = calibrate(model, [input_ids(spec, batch=2, seq=12, seed=7)], sample_rows=16)
     traced = Traced(model, ids)
@@ -310,7 +312,7 @@ def test_verify_names_the_pass_that_broke_equivalence(monkeypatch):
     traced.run(opts)  # the real passes pass the gate
 
     def not_orthogonal(g, o):
-        return rotate_mod.Plan(r1=1.5 * torch.eye(g.in_features, dtype=F64), block=g.in_features)
+        return rotate_mod.Plan(r1=(1.5 * torch.eye(g.in_features, dtype=F64)[None], None))
 
     monkeypatch.setattr(rotate_mod, "build_plan", not_orthogonal)
     with pytest.raises(LowbitVerifyError, match="'rotate'"):
