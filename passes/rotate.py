@@ -79,10 +79,6 @@ class Plan:
         """``W @ T`` for ``W [N, K]`` (T acts on the input channels)."""
         return self.apply(w)
 
-    def matrix(self, k: int) -> torch.Tensor:
-        """``T`` as a dense ``[K, K]`` matrix (for tests and debugging)."""
-        return self.apply(torch.eye(k, dtype=DTYPE))
-
 
 def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0

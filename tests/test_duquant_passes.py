@@ -248,7 +248,7 @@ def random_scales(seed):
     return scales
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     spec=tiny_specs(),
     seed=st.integers(0, 2**16),
