@@ -101,3 +101,23 @@ def dequant_linear(
 @dequant_linear.register_fake
 def _(x, packed, scales, zeros, bias, bits, group_size):
     return torch.empty((*x.shape[:-1], scales.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("lowbit::dequant_embedding", mutates_args=())
+def dequant_embedding(
+    ids: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Embedding lookup from a packed low-bit table; see
+    ``weight_only_reference.dequant_embedding`` (the same op on every target)."""
+    return wo_ref.dequant_embedding(ids, packed, scales, zeros, bits, group_size, dtype)
+
+
+@dequant_embedding.register_fake
+def _(ids, packed, scales, zeros, bits, group_size, dtype):
+    return torch.empty((*ids.shape, scales.shape[1] * group_size), dtype=dtype, device=ids.device)

@@ -40,6 +40,9 @@ API
 ``dequantize_groupwise(q, scales, zeros, group_size, dtype=None) -> w_hat [N, K]``
     ``(q - z) * s`` computed in float32 (float64 when ``dtype`` is float64),
     returned in ``dtype`` (default ``scales.dtype``).
+``dequant_embedding(ids, packed, scales, zeros, bits, group_size, dtype) -> rows``
+    The rows ``ids`` of the dequantized table (a tied embedding reading the
+    quantized lm_head weight), gathered before unpacking.
 ``dequant_linear(x, packed, scales, zeros, bits, group_size, bias=None) -> y [..., N]``
     The reference low-bit linear: unpack, ``W = dequantize_groupwise(...,
     dtype=x.dtype)`` (the weight a dequantizing kernel feeds its GEMM), then
@@ -145,10 +148,34 @@ def dequant_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
 
 
+def dequant_embedding(
+    ids: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference lookup ``W[ids] -> [*ids.shape, K]`` in ``dtype`` from a packed table.
+
+    Rows are gathered before unpacking, so a lookup touches only the rows it returns;
+    each row equals the row of ``dequantize_groupwise(unpack(packed), ...)``.
+    """
+    k = scales.shape[1] * group_size
+    flat = ids.reshape(-1)
+    q = unpack(packed.index_select(0, flat), bits, k)
+    w = dequantize_groupwise(
+        q, scales.index_select(0, flat), zeros.index_select(0, flat), group_size, dtype=dtype
+    )
+    return w.reshape(*ids.shape, k)
+
+
 __all__ = [
     "compute_qparams",
     "quantize_with_qparams",
     "quantize_groupwise",
     "dequantize_groupwise",
     "dequant_linear",
+    "dequant_embedding",
 ]

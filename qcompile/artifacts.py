@@ -308,15 +308,18 @@ def memory_of(gm, replaced) -> dict[str, int]:
 # releasing weights -----------------------------------------------------------------------
 
 
-def linear_owners(root: torch.nn.Module, param: torch.Tensor):
+def linear_owners(root: torch.nn.Module, param: torch.Tensor, embedding_ok: bool = False):
     """``(owners, all_linear)``: ``(name, module)`` of every module holding ``param``,
-    and whether each is an ``nn.Linear`` holding it as its ``weight``."""
+    and whether each is an ``nn.Linear`` holding it as its ``weight`` (or, with
+    ``embedding_ok``, an ``nn.Embedding`` whose lookups the graph reads from the
+    quantized copy: ``passes.quantize_embedding``)."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if embedding_ok else (torch.nn.Linear,)
     owners, all_linear = [], True
     for mod_name, mod in root.named_modules(remove_duplicate=False):
         for name, p in mod._parameters.items():
             if p is param:
                 owners.append((mod_name, mod))
-                all_linear &= isinstance(mod, torch.nn.Linear) and name == "weight"
+                all_linear &= isinstance(mod, kinds) and name == "weight"
     return owners, all_linear and bool(owners)
 
 

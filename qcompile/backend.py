@@ -34,7 +34,8 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     watch_recompile_limit()
     report = run_pipeline(gm, example_inputs, opts)
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
-    release = plan_release(replaced) if opts.free_weights else []
+    tables = gm.meta.pop("lowbit.quantized_tables", set())
+    release = plan_release(replaced, tables) if opts.free_weights else []
     if opts.handoff == "eager":
         compiled = gm.forward
     else:
@@ -51,9 +52,11 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
 # sees the zero-memory placeholders and reuses the stored products (qcompile.artifacts).
 
 
-def plan_release(replaced) -> list[tuple]:
-    """``(parameter, owning nn.Linear modules)`` for each replaced weight that may be
-    released: only held by ``nn.Linear`` modules as their ``weight``, with stored products."""
+def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
+    """``(parameter, owning modules)`` for each replaced weight that may be released:
+    only held by ``nn.Linear`` modules as their ``weight`` (or by an ``nn.Embedding``
+    whose lookups read the quantized copy: ids in ``quantized_tables``), with stored
+    products."""
     plan = []
     for param, source, _ in replaced:
         if artifacts.is_freed(param) or not artifacts.artifacts_of(param):
@@ -66,7 +69,7 @@ def plan_release(replaced) -> list[tuple]:
                 source,
             )
             continue
-        owners, all_linear = artifacts.linear_owners(root, param)
+        owners, all_linear = artifacts.linear_owners(root, param, id(param) in quantized_tables)
         if all_linear:
             plan.append((param, owners))
         else:

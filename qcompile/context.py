@@ -67,6 +67,7 @@ class PassContext:
     stats_source: str = ""
     target: str = "cpu"
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node or fqn, reason)
+    embeddings: list[str] = field(default_factory=list)  # tied lookups of quantized weights
     # options["verify"]: (example inputs, outputs of the graph before the exact passes)
     verify_reference: tuple | None = None
 

@@ -12,6 +12,7 @@ from qcompile.passes.bind import bind
 from qcompile.passes.collect_stats import collect_stats
 from qcompile.passes.detect_outliers import detect_outliers
 from qcompile.passes.fusion_analysis import fusion_analysis
+from qcompile.passes.quantize_embedding import quantize_embedding
 from qcompile.passes.quantize_lowbit import quantize_lowbit
 from qcompile.passes.quantize_weight_only import quantize_weight_only
 from qcompile.passes.quantize_weights import quantize_weights
@@ -52,6 +53,7 @@ def run_pipeline(
     runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
     runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # W4A4 / W6A6 / W4A8 + lowbit ops
     runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # packed low-bit weights
+    runner.run("quantize_embedding", quantize_embedding, gm, ctx)  # tied lookups read the codes
     if lower_to_target:
         from qcompile.lowering.lower import lower
 
@@ -109,6 +111,7 @@ def build_report(ctx: PassContext, runner: PassRunner) -> Report:
         pass_rewrites=dict(runner.rewrites),
         target=ctx.target,
         calibration=calib.source if calib is not None else "example inputs",
+        embeddings=list(ctx.embeddings),
     )
 
 

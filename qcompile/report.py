@@ -37,6 +37,8 @@ class Report:
     # bytes: fp_bytes_replaced (fp linear weights the graph no longer reads),
     # quantized_bytes (its quantized constants), freed_bytes (of the former, released)
     memory: dict[str, int] = field(default_factory=dict)
+    # embedding lookups rewritten to read a tied, quantized weight (quantize_embedding)
+    embeddings: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[SiteRow]:
@@ -59,6 +61,7 @@ class Report:
         for r in reports:
             out.sites += r.sites
             out.unsupported += r.unsupported
+            out.embeddings += r.embeddings
             for k, v in r.pass_times.items():
                 out.pass_times[k] = out.pass_times.get(k, 0.0) + v
             for k, v in r.pass_rewrites.items():
@@ -85,6 +88,7 @@ class Report:
                 "pass_times_s": self.pass_times,
                 "pass_rewrites": self.pass_rewrites,
                 "memory": self.memory,
+                "embeddings": self.embeddings,
             },
             indent=1,
         )
@@ -94,6 +98,8 @@ class Report:
         lines = [f"lowbit: {q} of {n} linear sites quantized (target {self.target})"]
         for reason, count in sorted(self.left_in_fp.items()):
             lines.append(f"  left in full precision: {count} x {reason}")
+        for line in dict.fromkeys(self.embeddings):
+            lines.append(f"  embedding: {line}")
         if self.memory.get("fp_bytes_replaced"):
             m = self.memory
             lines.append(

@@ -1,0 +1,98 @@
+"""quantize_embedding: a tied embedding looks its rows up in the quantized lm_head weight.
+
+Precondition: ``quantize_weight_only`` ran. When the weight of a weight-only site is
+also the table of an ``F.embedding`` call in the graph (tied input and output
+embeddings: Llama's ``embed_tokens`` / ``lm_head``), the lookup is rewritten to read
+the site's packed constants:
+
+    embedding(ids, W)  ->  lowbit.dequant_embedding(ids, packed, scales, zeros, bits, G, dtype)
+
+so one quantized copy of the tied weight serves both uses and the graph no longer
+reads the full-precision table (``free_weights`` can then release it: without this
+the tied fp32 table alone is a fifth of SmolLM2-135M). A tied parameter is one
+weight: quantizing it quantizes both of its uses, and the report says so
+(``Report.embeddings``); ``overrides={"lm_head": "fp"}`` keeps both in full precision.
+Numerical contract: each looked-up row equals the corresponding row of the
+dequantized weight (``weight_only_reference.dequantize_groupwise``) in the table's
+dtype. An embedding call with ``max_norm`` (it renormalizes the table in place) is
+left alone. An embedding whose table was already released but that this graph
+cannot rewrite raises instead of reading the placeholder.
+Returns the number of lookups rewritten.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompile import artifacts
+from qcompile.context import PassContext
+from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
+from qcompile.recipes import get_recipe
+
+EMBEDDING_TARGETS = (torch.nn.functional.embedding,)
+
+
+def quantize_embedding(gm: fx.GraphModule, ctx: PassContext) -> int:
+    quantized = {}  # weight placeholder name -> its weight-only site
+    for site in ctx.sites:
+        recipe = get_recipe(site.scheme)
+        if site.skip_reason or not recipe.weight_only:
+            continue
+        if site.node.target is torch.ops.lowbit.dequant_linear.default:
+            quantized[_weight_placeholder(ctx, site)] = site
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in EMBEDDING_TARGETS:
+            continue
+        ids, table = node.args[0], node.args[1]
+        site = quantized.get(getattr(table, "name", None))
+        if site is None:
+            _check_not_released(table, node)
+            continue
+        if _arg(node, 3, "max_norm") is not None:
+            ctx.unsupported.append((node.name, "embedding with max_norm reads the fp table"))
+            continue
+        _, packed, scales, zeros, _, bits, group = site.node.args
+        top = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        for const in (packed, scales, zeros):  # defined next to lm_head: hoist to the top
+            if const is not top:
+                top.prepend(const)
+        out = node.meta.get("example_value")
+        dtype = out.dtype if out is not None else site.weight.dtype
+        with gm.graph.inserting_before(node):
+            lookup = gm.graph.call_function(
+                torch.ops.lowbit.dequant_embedding.default,
+                (ids, packed, scales, zeros, bits, group, dtype),
+            )
+        lookup.meta.update(node.meta)
+        node.replace_all_uses_with(lookup)
+        gm.graph.erase_node(node)
+        tables = gm.meta.setdefault("lowbit.quantized_tables", set())
+        tables.add(id(table.meta["grapharg"].example))
+        ctx.embeddings.append(
+            f"{ctx.param_fqns[table.name]} lookups read {site.fqn}'s {site.scheme} codes (tied)"
+        )
+        rewrites += 1
+    gm.recompile()
+    return rewrites
+
+
+def _weight_placeholder(ctx: PassContext, site) -> str | None:
+    return next((name for name, fqn in ctx.param_fqns.items() if fqn == site.param_fqn), None)
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _check_not_released(table, node: fx.Node) -> None:
+    grapharg = getattr(table, "meta", {}).get("grapharg")
+    param = getattr(grapharg, "example", None)
+    if isinstance(param, torch.Tensor) and artifacts.is_freed(param):
+        raise RuntimeError(
+            f"lowbit: the embedding table read by {node.name} was released (free_weights or "
+            "qcompile.load) but this graph does not quantize the linear it is tied to, so it "
+            "cannot look rows up in the quantized copy; compile the embedding and its tied "
+            "lm_head in one graph, or load the full-precision weights again"
+        )

@@ -1,0 +1,100 @@
+"""quantize_embedding: a tied embedding reads the quantized lm_head weight.
+
+The lookup returns rows of the very weight lm_head multiplies with (dequantized),
+the graph stops reading the fp table, and free_weights then releases it (eager
+calls of the embedding raise). An untied embedding is left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TinySpec, build_model, input_ids
+
+import qcompile
+from qcompile import artifacts
+from qcompile.kernels.packing import pack, unpack
+from qcompile.kernels.weight_only_reference import (
+    dequant_embedding,
+    dequantize_groupwise,
+    quantize_groupwise,
+)
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+SPEC = TinySpec(hidden=64, heads=4, kv_heads=2, intermediate=64, vocab=96, tied=True)
+ONLY_HEAD = {"model.*": "fp"}  # lm_head (and so the tied table) is the only quantized weight
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_reference_lookup_equals_rows_of_the_dequantized_table(bits):
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(bits))
+    q, s, z = quantize_groupwise(w, bits, 32)
+    ids = torch.tensor([[3, 0, 49, 3], [7, 7, 1, 2]])
+    rows = dequant_embedding(ids, pack(q, bits), s, z, bits, 32, torch.float32)
+    table = dequantize_groupwise(unpack(pack(q, bits), bits, 64), s, z, 32, dtype=torch.float32)
+    assert torch.equal(rows, table[ids])
+
+
+def dequantized_twin(model, bits=4, group=32):
+    """The model with its tied weight replaced by the dequantized RTN weight."""
+    twin = copy.deepcopy(model)
+    w = twin.lm_head.weight
+    q, s, z = quantize_groupwise(w.detach(), bits, group)
+    with torch.no_grad():
+        w.copy_(dequantize_groupwise(q, s, z, group, dtype=w.dtype))
+    return twin
+
+
+def compile_head_only(model, calibration, **extra):
+    opts = {"recipe": "w4a16-g32", "overrides": ONLY_HEAD, "calibration": calibration,
+            "handoff": "eager", **extra}  # fmt: skip
+    return torch.compile(model, backend="lowbit", options=opts)
+
+
+def test_tied_lookup_reads_the_quantized_weight():
+    model = build_model(SPEC)
+    ids = input_ids(SPEC, batch=2, seq=9)
+    calibration = qcompile.calibrate(model, [ids])
+    with torch.no_grad():
+        got = compile_head_only(model, calibration)(ids).logits
+        want = dequantized_twin(model)(ids).logits
+        fp = model(ids).logits
+    report = qcompile.compiled_reports()[-1]
+    assert report.embeddings == [
+        "model.embed_tokens.weight lookups read lm_head.weight's w4a16-g32 codes (tied)"
+    ]
+    assert "embedding: model.embed_tokens.weight lookups read" in report.summary()
+    # the CPU lm_head runs bf16 activations: compare at that precision
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-2 * scale
+    assert (got - fp).abs().max() > 10 * (got - want).abs().max()  # it is really quantized
+
+
+def test_free_weights_releases_the_tied_table():
+    model = build_model(SPEC)
+    ids = input_ids(SPEC, batch=1, seq=8)
+    calibration = qcompile.calibrate(model, [ids])
+    with torch.no_grad():
+        ref = compile_head_only(copy.deepcopy(model), calibration)(ids).logits
+        torch._dynamo.reset()
+        fast = compile_head_only(model, calibration, free_weights=True)
+        first = fast(ids).logits
+        second = fast(ids).logits  # recompiles onto the released placeholders
+    assert artifacts.is_freed(model.model.embed_tokens.weight)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    with pytest.raises(RuntimeError, match="lowbit freed"):
+        model.model.embed_tokens(ids)
+
+
+def test_untied_embedding_is_left_alone():
+    spec = TinySpec(hidden=64, heads=4, kv_heads=2, intermediate=64, vocab=96, tied=False)
+    model = build_model(spec)
+    ids = input_ids(spec, batch=1, seq=6)
+    calibration = qcompile.calibrate(model, [ids])
+    with torch.no_grad():
+        compile_head_only(model, calibration)(ids)
+    report = qcompile.compiled_reports()[-1]
+    assert report.embeddings == []
+    assert report.pass_rewrites.get("quantize_embedding") == 0
