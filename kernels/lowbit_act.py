@@ -17,24 +17,41 @@ For ``b = 8`` these functions equal ``reference.quantize_rows`` /
 
 ``lowbit::quantize_rows_bits`` is the custom op the ``quantize_lowbit`` pass inserts;
 its CPU lowering is :func:`quantize_rows_bits` itself (aten ops inductor fuses).
-:func:`block_rotate` is the online part of the DuQuant / Hadamard transforms that the
-``rotate`` pass inserts: plain aten ops (a batched matmul over the blocks, an index
-gather), the same function on every target.
+:func:`block_rotate` is the online part of the DuQuant / Hadamard transforms; the
+``rotate`` pass inserts it as the custom op ``lowbit::block_rotate`` (one node, so the
+``lower`` pass can match "block_rotate -> quantize_rows_bits"); its CPU lowering is the
+aten function itself (a batched matmul over the blocks, an index gather).
+
+Packed signed int4 (the W4A4 GEMM's operands, ``kernels.triton_lowbit``)
+-------------------------------------------------------------------------
+:func:`pack_int4` stores two signed 4-bit values (``[-8, 7]``, two's complement) per
+int8 byte along the last dimension: byte ``j`` holds element ``2j`` in its low nibble
+(bits 0-3) and element ``2j + 1`` in its high nibble (bits 4-7). An odd ``K`` is padded
+with one zero element (the last byte's high nibble is 0), so ``[..., K]`` packs to
+``[..., ceil(K / 2)]``. :func:`unpack_int4` is the exact inverse; since padding nibbles
+are zero, a dot product over packed operands of equal width needs no ``K``.
+References beside them: :func:`rotate_quantize_rows_bits` (the fused transform +
+quantization kernel's numerics) and :func:`int4_linear` (the packed GEMM's).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import reference as ref
 from .reference import EPS
 
 __all__ = [
     "CLIP_RATIOS",
     "block_rotate",
+    "int4_linear",
+    "pack_int4",
     "qmax_for",
     "quantize_rows_bits",
     "quantize_weight_per_channel_bits",
+    "rotate_quantize_rows_bits",
     "search_clip_ratios",
+    "unpack_int4",
 ]
 
 #: weight clipping ratios tried per output channel by :func:`search_clip_ratios`
@@ -187,4 +204,102 @@ def _(x, bits):
     return (
         torch.empty(x.shape, dtype=torch.int8, device=x.device),
         torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+@torch.library.custom_op("lowbit::block_rotate", mutates_args=())
+def _block_rotate_op(
+    x: torch.Tensor,
+    blocks: torch.Tensor | None,
+    tail: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    blocks2: torch.Tensor | None,
+    tail2: torch.Tensor | None,
+) -> torch.Tensor:
+    """The online ``X @ T`` of the rotate pass; see :func:`block_rotate`."""
+    return block_rotate(x, blocks, tail, perm, blocks2, tail2)
+
+
+@_block_rotate_op.register_fake
+def _block_rotate_fake(x, blocks, tail, perm, blocks2, tail2):
+    return torch.empty_like(x)
+
+
+# --------------------------------------------------------------------------- packed int4
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed int4 values per int8 byte along the last dimension (layout above).
+
+    ``q`` is an integer tensor ``[..., K]`` with values in ``[-8, 7]`` (checked);
+    returns int8 ``[..., ceil(K / 2)]``.
+    """
+    if q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise TypeError(f"pack_int4 expects integer values, got {q.dtype}")
+    if q.numel() and bool(((q < -8) | (q > 7)).any()):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    v = q.to(torch.int16)
+    if v.shape[-1] % 2:
+        v = torch.nn.functional.pad(v, (0, 1))
+    lo, hi = v[..., 0::2], v[..., 1::2]
+    return ((hi << 4) | (lo & 0xF)).to(torch.int8)  # in [-128, 127]: exact
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 ``[..., W]`` -> int8 ``[..., k]`` in ``[-8, 7]``."""
+    if packed.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 expects int8 bytes, got {packed.dtype}")
+    w = packed.shape[-1]
+    if k < 0 or (k + 1) // 2 != w:
+        raise ValueError(f"{w} bytes per row do not hold k={k} int4 values")
+    v = packed.to(torch.int16)
+    lo = ((v & 0xF) ^ 8) - 8  # sign-extend the low nibble
+    hi = v >> 4  # arithmetic shift: the signed high nibble
+    out = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], 2 * w)
+    return out[..., :k].to(torch.int8)
+
+
+def rotate_quantize_rows_bits(
+    x: torch.Tensor,
+    blocks: torch.Tensor | None,
+    tail: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    blocks2: torch.Tensor | None,
+    tail2: torch.Tensor | None,
+    bits: int,
+    pack: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the fused kernel: :func:`block_rotate` then :func:`quantize_rows_bits`.
+
+    No transform when every matrix and ``perm`` are None. With ``pack`` (``bits <= 4``
+    only) the codes are returned packed by :func:`pack_int4`.
+    """
+    if pack and bits > 4:
+        raise ValueError(f"pack needs bits <= 4, got {bits}")
+    if any(t is not None for t in (blocks, tail, perm, blocks2, tail2)):
+        x = block_rotate(x, blocks, tail, perm, blocks2, tail2)
+    q, s = quantize_rows_bits(x, bits)
+    return (pack_int4(q) if pack else q), s
+
+
+def int4_linear(
+    q_packed: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference of the packed W4A4 GEMM: ``reference.int8_linear`` on the unpacked values.
+
+    ``q_packed [..., W]`` and ``w_packed [N, W]`` are :func:`pack_int4` bytes of equal
+    width ``W``; zero padding nibbles contribute nothing, so ``K`` is not needed.
+    """
+    if q_packed.shape[-1] != w_packed.shape[-1]:
+        raise ValueError(
+            f"packed widths differ: activations {q_packed.shape[-1]}, weights {w_packed.shape[-1]}"
+        )
+    k = 2 * w_packed.shape[-1]
+    return ref.int8_linear(
+        unpack_int4(q_packed, k), x_scale, unpack_int4(w_packed, k), w_scale, bias, None, out_dtype
     )

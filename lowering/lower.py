@@ -1,24 +1,41 @@
 """lower: replace the target-neutral ``lowbit::`` ops with the target's kernels.
 
 Precondition: quantizing passes ran; the graph holds ``lowbit::quantize_rows``,
-``lowbit::int8_linear`` and possibly ``lowbit::int8_mixed_linear_dynamic`` and
-``lowbit::quantize_rows_bits`` (low-bit recipes).
+``lowbit::int8_linear`` and possibly ``lowbit::int8_mixed_linear_dynamic``,
+``lowbit::dequant_linear`` (weight-only), and for the low-bit weight-activation
+recipes ``lowbit::quantize_rows_bits`` and the rotate pass's ``lowbit::block_rotate``.
 Postcondition:
-  * target ``cpu``: the first two become the aten-level functions of
-    ``qcompile.kernels.cpu_int8`` (oneDNN ``_int_mm``; inductor fuses the rest), and
-    ``quantize_rows_bits`` its aten function in ``qcompile.kernels.lowbit_act``;
-    the dynamic op stays a custom op (data-dependent columns) that runs ``_int_mm``;
-    ``dequant_linear`` (weight-only) becomes ``cpu_weight_only.dequant_linear_cpu``
-    with its weight prepacked for oneDNN's int4 kernel (bf16 activations inside);
-  * target ``triton``: they become ``lowbit::quantize_rows_triton``,
-    ``lowbit::int8_linear_triton`` and ``lowbit::dequant_linear_triton``; the dynamic op and ``quantize_rows_bits`` keep
-    their reference kernels (reported).
-Numerical contract: integer results identical to the reference; float epilogue
-within float32 rounding.
-Returns the number of nodes lowered.
+  * target ``cpu``: ``quantize_rows`` / ``int8_linear`` become the aten-level functions
+    of ``qcompile.kernels.cpu_int8`` (oneDNN ``_int_mm``; inductor fuses the rest);
+    ``quantize_rows_bits`` and ``block_rotate`` their aten functions in
+    ``qcompile.kernels.lowbit_act``; the dynamic op stays a custom op (data-dependent
+    columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
+    ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
+    kernel (bf16 activations inside);
+  * target ``triton``: ``quantize_rows``, ``int8_linear`` and ``dequant_linear`` become
+    ``lowbit::quantize_rows_triton``, ``lowbit::int8_linear_triton`` and
+    ``lowbit::dequant_linear_triton``. Low-bit sites (:func:`fuse_lowbit_triton`):
+    identical ``quantize_rows_bits`` nodes (q/k/v read one input) are merged; each
+    becomes ``lowbit::rotate_quantize_rows_bits_triton``, which also applies the
+    ``block_rotate`` feeding it (operands prepared here; the float transformed
+    activation is never stored); where the activations are 4-bit and every consumer
+    is an ``int8_linear`` with 4-bit weights (W4A4), the kernel writes packed int4 and
+    those linears become ``lowbit::int4_linear_triton`` with their weights packed here.
+    Not fused (reference kernels stay, on any device): a ``block_rotate`` whose blocks
+    exceed ``triton_lowbit.MAX_FUSED_BLOCK`` (the Hadamard recipe's ``K x K`` block;
+    its output is then quantized by the fused kernel without a transform), a
+    ``block_rotate`` read by something else too (it keeps its aten function for that
+    reader), and activations that are not fp32 / fp16 / bf16. W4A8 and W6A6 sites use
+    ``int8_linear_triton`` on unpacked codes. The dynamic op keeps its reference kernel.
+Numerical contract: integer GEMM results identical to the reference; float epilogue
+within float32 rounding; the fused transform's codes as ``triton_lowbit`` states
+(identical where its sums are exact, else a code may move by 1 at a rounding tie).
+Returns the number of nodes lowered (merged duplicates included).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -27,6 +44,7 @@ from qcompile.context import PassContext, add_constant
 from qcompile.kernels import cpu_int8, cpu_weight_only, lowbit_act
 from qcompile.kernels.cpu_weight_only import prepack_cpu
 from qcompile.kernels.packing import unpack
+from qcompile.passes._folding import drop_constant
 
 
 def lowering_table(target: str) -> dict:
@@ -36,6 +54,7 @@ def lowering_table(target: str) -> dict:
             lowbit.quantize_rows.default: cpu_int8.quantize_rows,
             lowbit.int8_linear.default: cpu_int8.int8_linear,
             lowbit.quantize_rows_bits.default: lowbit_act.quantize_rows_bits,  # W4A4, W6A6, ...
+            lowbit.block_rotate.default: lowbit_act.block_rotate,  # DuQuant / Hadamard online
         }
     if target == "triton":
         from qcompile.kernels import triton_int8
@@ -43,19 +62,21 @@ def lowering_table(target: str) -> dict:
         ok, why = triton_int8.triton_available()
         if not ok:
             raise RuntimeError(f"lowbit target 'triton' cannot run here: {why}")
-        from qcompile.kernels import triton_dequant_gemm  # noqa: F401  (registers the op)
+        from qcompile.kernels import triton_dequant_gemm, triton_lowbit  # noqa: F401  (ops)
 
         return {
             lowbit.quantize_rows.default: lowbit.quantize_rows_triton.default,
             lowbit.int8_linear.default: lowbit.int8_linear_triton.default,
             lowbit.dequant_linear.default: lowbit.dequant_linear_triton.default,
+            # left by fuse_lowbit_triton (blocks too large, or another reader)
+            lowbit.block_rotate.default: lowbit_act.block_rotate,
         }
     raise ValueError(f"unknown lowbit target {target!r}")
 
 
 def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
     table = lowering_table(ctx.target)
-    lowered = 0
+    lowered = fuse_lowbit_triton(gm, ctx) if ctx.target == "triton" else 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -67,6 +88,137 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
             lowered += 1
     gm.recompile()
     return lowered
+
+
+def fuse_lowbit_triton(gm: fx.GraphModule, ctx: PassContext | None = None) -> int:
+    """Triton target: ``block_rotate -> quantize_rows_bits (-> int8_linear)`` into the
+    fused kernels of ``kernels.triton_lowbit`` (see the module docstring). A site whose
+    weights get packed has its ``bits_per_weight`` updated. Returns the number of nodes
+    rewritten or merged."""
+    from qcompile.kernels import triton_lowbit
+
+    graph = gm.graph
+    lowbit = torch.ops.lowbit
+    rewrites = 0
+    quantize: dict[tuple, fx.Node] = {}  # (input, bits) -> the first quantize_rows_bits
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is lowbit.quantize_rows_bits.default:
+            key = (node.args[0], node.args[1])
+            if key in quantize:  # same input, same bits: the same codes
+                node.replace_all_uses_with(quantize[key])
+                graph.erase_node(node)
+                rewrites += 1
+            else:
+                quantize[key] = node
+
+    operands: dict[fx.Node, tuple | None] = {}  # block_rotate -> fused operands
+    packed: dict[fx.Node, fx.Node] = {}  # int8 weight constant -> its packed int4 copy
+    sites = {s.node: s for s in ctx.sites} if ctx is not None else {}
+    rotations = set()
+    for (x, bits), qn in quantize.items():
+        dtype = _activation_dtype(x, qn)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            continue  # the reference kernel stays
+        transform = (None, None, None, 0)
+        if _is_block_rotate(x):
+            rotations.add(x)
+            if x not in operands:
+                operands[x] = _rotation_constants(gm, x, dtype, triton_lowbit)
+            if operands[x] is not None:
+                transform = operands[x]
+                qn.replace_input_with(x, x.args[0])
+        linears = _w4a4_consumers(gm, qn) if bits <= 4 else []
+        qn.target = lowbit.rotate_quantize_rows_bits_triton.default
+        qn.args = (qn.args[0], *transform, bits, bool(linears))
+        rewrites += 1
+        for lin in linears:
+            _to_int4_linear(gm, lin, packed)
+            rewrites += 1
+            site = sites.get(lin)
+            if site is not None:  # 4-bit codes plus a float32 scale per output row
+                site.bits_per_weight = 4 + 32 / site.in_features
+    for rot in rotations:
+        if not rot.users:  # fully fused: drop it and its constants
+            consts = [a for a in rot.args[1:] if isinstance(a, fx.Node)]
+            graph.erase_node(rot)
+            for c in consts:
+                if not c.users:
+                    drop_constant(gm, c)
+    gm.recompile()
+    return rewrites
+
+
+def _is_block_rotate(node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target is torch.ops.lowbit.block_rotate.default
+    )
+
+
+def _activation_dtype(x: fx.Node, qn: fx.Node) -> torch.dtype | None:
+    val = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    for use in qn.users:  # int8_linear's out_dtype is the activation dtype
+        for lin in use.users:
+            if lin.target is torch.ops.lowbit.int8_linear.default:
+                return lin.args[6]
+    return None
+
+
+def _rotation_constants(gm: fx.GraphModule, rot: fx.Node, dtype, triton_lowbit) -> tuple | None:
+    """get_attr nodes ``(w1, src, w2, block)`` of the fused kernel for ``rot``, or None
+    when its blocks are too large to fuse."""
+    tensors = [None if a is None else getattr(gm, a.target) for a in rot.args[1:]]
+    blocks, tail = tensors[0], tensors[1]
+    if not triton_lowbit.fused_block_ok(blocks, tail):
+        return None
+    ops = triton_lowbit.prepare_rotation(*tensors, dtype=dtype)
+    tag = f"lowbit_rotate_{rot.meta.get('lowbit.rotate', rot.name)}_triton"
+    nodes = [
+        None if t is None else add_constant(gm, f"{tag}_{name}", t, rot)
+        for name, t in (("w1", ops.w1), ("src", ops.src), ("w2", ops.w2))
+    ]
+    return (*nodes, ops.block)
+
+
+def _w4a4_consumers(gm: fx.GraphModule, qn: fx.Node) -> list[fx.Node]:
+    """The ``int8_linear`` nodes reading ``qn``'s codes when every reader is one that the
+    packed int4 GEMM can run (weights in [-8, 7], no addend); else []."""
+    linears = []
+    for use in qn.users:
+        if use.target is not operator.getitem:
+            return []
+        if use.args[1] == 1:
+            continue  # the scales: read as they are
+        for lin in use.users:
+            ok = (
+                lin.target is torch.ops.lowbit.int8_linear.default
+                and lin.args[0] is use
+                and lin.args[5] is None
+                and isinstance(lin.args[2], fx.Node)
+                and lin.args[2].op == "get_attr"
+            )
+            if not ok:
+                return []
+            w = getattr(gm, lin.args[2].target)
+            if w.dtype != torch.int8 or bool(((w < -8) | (w > 7)).any()):
+                return []
+            linears.append(lin)
+    return linears
+
+
+def _to_int4_linear(gm: fx.GraphModule, lin: fx.Node, packed: dict) -> None:
+    q, s, w_node, w_scale, bias, _, out_dtype = lin.args
+    p_node = packed.get(w_node)
+    if p_node is None:
+        w = lowbit_act.pack_int4(getattr(gm, w_node.target))
+        p_node = packed[w_node] = add_constant(gm, f"{w_node.target}_int4packed", w, w_node)
+    lin.target = torch.ops.lowbit.int4_linear_triton.default
+    lin.args = (q, s, p_node, w_scale, bias, out_dtype)
+    if not w_node.users:
+        drop_constant(gm, w_node)
 
 
 def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node) -> None:

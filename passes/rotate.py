@@ -21,10 +21,12 @@ with ``T`` orthogonal ``[K, K]`` built by :func:`build_plan` from the group's sa
   says which), applied as one K x K block.
 
 ``W_i @ T`` is folded offline in float64 into copies of each weight (cast once).
-``x @ T`` runs online ONCE per input node, as ``kernels.lowbit_act.block_rotate``: a
-batched matmul over the blocks of ``R1`` (and of ``R2``, with the gather ``P``
-between). An online smoothing ``x / s`` left by ``smooth`` is merged into ``R1``
-(``diag(1/s) @ R1`` is still block-diagonal) and its ``div`` removed.
+``x @ T`` runs online ONCE per input node, as one ``lowbit::block_rotate`` node
+(``kernels.lowbit_act.block_rotate``: a batched matmul over the blocks of ``R1``, and
+of ``R2`` with the gather ``P`` between); ``lower`` turns it into that aten function on
+the CPU, or fuses it into the Triton per-token quantization kernel. An online
+smoothing ``x / s`` left by ``smooth`` is merged into ``R1`` (``diag(1/s) @ R1`` is
+still block-diagonal) and its ``div`` removed.
 Numerical contract: exact in real arithmetic (float rounding of the folded weights and
 of the online matmul; checked by ``verify`` and in float64 by the tests).
 Returns the number of input groups rotated.
@@ -39,7 +41,7 @@ import torch
 from torch import fx
 
 from qcompile.context import PassContext, add_constant
-from qcompile.kernels.lowbit_act import block_rotate
+from qcompile.kernels.lowbit_act import block_rotate  # also registers lowbit::block_rotate
 from qcompile.transforms import (
     greedy_block_rotation,
     hadamard_or_random,
@@ -196,7 +198,7 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
         consts[3] = _const(gm, f"{tag}_r2", plan.r2[0], dtype, first)
         consts[4] = _const(gm, f"{tag}_r2_tail", plan.r2[1], dtype, first)
     with graph.inserting_before(first):
-        y = graph.call_function(block_rotate, (x, *consts))
+        y = graph.call_function(torch.ops.lowbit.block_rotate.default, (x, *consts))
     y.meta["example_value"] = val
     y.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     y.meta["lowbit.rotate"] = g.index
