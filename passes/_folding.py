@@ -11,7 +11,9 @@ A site's folded weight lives in three places kept in step:
 * ``site.weight``: the same cast tensor, so the quantizing passes and the report see
   the weight the node computes with.
 
-The user's parameters are never touched; a superseded buffer is removed.
+The user's parameters are never touched; a superseded buffer is removed. A site that
+keeps its weight (``site.keep_weight``: its products are reused from
+``qcompile.artifacts``) is never folded: its weight may be a released placeholder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ DTYPE = torch.float64
 
 def weight_f64(site: LinearSite) -> torch.Tensor:
     """The site's current weight ``[N, K]`` in float64 (folded or the parameter)."""
+    if site.keep_weight:
+        raise RuntimeError(
+            f"lowbit internal error: {site.fqn} reuses stored products; nothing may be "
+            "folded into its weight"
+        )
     w = site.node.meta.get("lowbit.weight_f64")
     return w if w is not None else site.weight.detach().to(DTYPE)
 
@@ -69,18 +76,24 @@ def fold_output_rows(
     site: LinearSite,
     perm: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    weight: bool = True,
 ) -> None:
     """Output row ``i`` of the site becomes ``scale[i] * row perm[i]`` (weight and bias).
 
     I.e. ``y' = (y[..., perm]) * scale``: exact for a permutation, one rounding for a scale.
+    ``weight=False``: the bias only (the site's folded weight is stored).
     """
-    w, b = weight_f64(site), bias_f64(site)
+    b = bias_f64(site)
+    w = weight_f64(site) if weight else None
     if perm is not None:
-        w, b = w[perm], (None if b is None else b[perm])
+        w = None if w is None else w[perm]
+        b = None if b is None else b[perm]
     if scale is not None:
         s = scale.to(DTYPE)
-        w, b = w * s[:, None], (None if b is None else b * s)
-    set_weight(gm, site, w)
+        w = None if w is None else w * s[:, None]
+        b = None if b is None else b * s
+    if w is not None:
+        set_weight(gm, site, w)
     if b is not None:
         set_bias(gm, site, b)
 

@@ -22,8 +22,16 @@ member's ``node.meta["lowbit.input_group"]``) records, decided on ``ctx.dataflow
   sample_rows=N)``) or, failing that, recorded from the example inputs (logged);
   ``absmax``: calibrated per-channel max |x|.
 
+Stored products (``qcompile.artifacts``; ``passes/_plans.py``): each group's plan is
+looked up before anything is computed. A group whose weights were released (or
+loaded by ``qcompile.load``) must use its stored plan, and one built from the same
+calibration and weights reuses it (``InputGroup.stored``); such a group needs no
+sample, and its members' weights are left alone by ``smooth`` / ``rotate``
+(``site.keep_weight``).
+
 With ``options["verify"]`` it also records the graph's outputs on the example inputs
-(``ctx.verify_reference``) for the ``verify`` checks after the exact passes.
+(``ctx.verify_reference``) for the ``verify`` checks after the exact passes (skipped,
+and logged, when stored transforms are used: they were checked when computed).
 Returns the number of input groups.
 """
 
@@ -32,14 +40,17 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import LinearSite, PassContext
 from qcompile.recipes import get_recipe
 
 from ._folding import param_tensor
+from ._plans import resolve
 
 log = logging.getLogger("qcompile")
 
@@ -77,6 +88,13 @@ class InputGroup:
     absmax_before: float | None = None  # max |x| before any transform
     online_scale: torch.Tensor | None = None  # s of an online x / s (set by smooth)
     notes: list[str] = field(default_factory=list)
+    # stored products (passes/_plans.py): the reused plan (an artifacts.Artifact) or None,
+    # the plan's id (set when stored or reused), smooth's float64 scales, and the folded
+    # norm weight's (parameter, FQN, constant node)
+    stored: Any = None
+    plan_id: str | None = None
+    smooth_scale: torch.Tensor | None = None
+    norm_fold: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -112,6 +130,7 @@ def fusion_analysis(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int
         groups.append(g)
     if not groups:
         return 0
+    resolve(ctx, groups)  # stored plans and products: used instead of computed
     _attach_samples(gm, ctx, groups, example_inputs)
     for g in groups:
         for site in g.sites:
@@ -252,6 +271,10 @@ def _describe_scale(g: InputGroup, ctx: PassContext) -> str:
 
 
 def _attach_samples(gm, ctx: PassContext, groups: list[InputGroup], example_inputs) -> None:
+    for g in groups:
+        if g.stored is not None:  # a stored plan needs no sample
+            g.absmax_before = g.stored.meta.get("act_absmax_before")
+    groups = [g for g in groups if g.stored is None]
     missing = []
     for g in groups:
         stats = next((ctx.stats[s.fqn] for s in g.sites if s.fqn in ctx.stats), None)
@@ -262,6 +285,21 @@ def _attach_samples(gm, ctx: PassContext, groups: list[InputGroup], example_inpu
         if g.sample is None:
             missing.append(g)
     want_reference = ctx.options.verify
+    if want_reference and ctx.plans is not None and ctx.plans.reused:
+        log.warning(
+            "lowbit: verify skipped: this graph uses %d stored transform plan(s) (released "
+            "or loaded weights), which were checked when they were computed",
+            ctx.plans.reused,
+        )
+        want_reference = False
+    if missing and any(artifacts.is_freed(s.param) for s in ctx.sites):
+        raise ValueError(
+            f"lowbit: cannot record the inputs of {missing[0].sites[0].fqn} on this graph's "
+            "example inputs: other full-precision weights of the graph were released "
+            "(free_weights or qcompile.load), so they would be wrong; pass options="
+            "{'calibration': qcompile.calibrate(model, batches, sample_rows=512)} recorded on "
+            "the full model"
+        )
     if missing or want_reference:
         recorded, outputs = _record_inputs(gm, [g.input for g in missing], example_inputs)
         for g in missing:

@@ -17,6 +17,11 @@ channel's clipping ratio is chosen from ``lowbit_act.CLIP_RATIOS`` to minimize t
 output error on the input group's calibration sample (in the rotated basis), or the
 weight error without a sample. The float64 copies left in node meta by the exact
 passes are released.
+Stored products (``qcompile.artifacts``): ``W_q``, ``w_scale`` and the clip ratios are
+stored with the ids of the transform plans folded into the weight (``passes/_plans.py``)
+and reused when those plans are (``fusion_analysis`` decided: ``site.artifact``); a
+site no transform touches reuses them like the other quantizing passes (same weight,
+recipe and options; always for a released weight).
 Numerical contract: per element ``|W - deq(W_q)| <= w_scale / 2`` without clipping
 (saturated elements excepted with it); activations within half a step per token.
 Returns the number of sites quantized.
@@ -30,12 +35,14 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.lowbit_act import quantize_weight_per_channel_bits, search_clip_ratios
 from qcompile.recipes import get_recipe
 
 from ._folding import drop_constant, weight_f64
+from ._plans import site_products, store_site
 
 META_RELEASED = ("lowbit.weight_f64", "lowbit.bias_f64", "lowbit.input_group")
 
@@ -45,29 +52,46 @@ def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
     g = gm.graph
     for site in ctx.sites:
         recipe = get_recipe(site.scheme)
-        if (
-            site.skip_reason
-            or not recipe.quantize
-            or recipe.act_bits is None
-            or recipe.mixed
-            or (recipe.weight_bits, recipe.act_bits) == (8, 8)
-        ):
+        if site.skip_reason or not artifacts.low_bit(recipe):
             continue
         node = site.node
-        w = weight_f64(site)
         group = node.meta.get("lowbit.input_group")
-        clip = None
-        if recipe.transform == "duquant" and ctx.options.duquant["clip_search"]:
-            sample = None if group is None else group.sample
-            clip = search_clip_ratios(w, recipe.weight_bits, sample)
-        w_q, w_scale = quantize_weight_per_channel_bits(w, recipe.weight_bits, clip)
-        site.weight_sqnr_db = _sqnr_db(w, w_q, w_scale)
-        site.method = f"rtn int{recipe.weight_bits}" + (
-            f" + clip search (mean ratio {float(clip.mean()):.3f})" if clip is not None else ""
-        )
+        art = site_products(site, ctx)
+        if art is not None:  # stored products: nothing is computed from the weight
+            w_q, w_scale = art.tensors["w_q"], art.tensors["w_scale"]
+            site.weight_sqnr_db, site.method = art.meta.get("weight_sqnr_db"), art.meta["method"]
+            for attr in ("act_absmax_before", "act_absmax_after"):
+                if getattr(site, attr) is None:
+                    setattr(site, attr, art.meta.get(attr))
+        else:
+            w = weight_f64(site)
+            clip = None
+            if recipe.transform == "duquant" and ctx.options.duquant["clip_search"]:
+                sample = None if group is None else group.sample
+                clip = search_clip_ratios(w, recipe.weight_bits, sample)
+            w_q, w_scale = quantize_weight_per_channel_bits(w, recipe.weight_bits, clip)
+            site.weight_sqnr_db = _sqnr_db(w, w_q, w_scale)
+            site.method = f"rtn int{recipe.weight_bits}" + (
+                f" + clip search (mean ratio {float(clip.mean()):.3f})" if clip is not None else ""
+            )
         site.bits_per_weight = 8 + 32 / site.in_features
         if site.act_absmax_before is None and site.fqn in ctx.stats:
             site.act_absmax_before = float(ctx.stats[site.fqn].absmax.max())
+        if art is None:
+            products = {"w_q": w_q, "w_scale": w_scale}
+            if clip is not None:
+                products["clip_ratios"] = clip.to(torch.float32)
+            meta = {
+                "bits": recipe.weight_bits,
+                "act_bits": recipe.act_bits,
+                "method": site.method,
+                "weight_sqnr_db": site.weight_sqnr_db,
+                "bits_per_weight": site.bits_per_weight,
+                "transforms": list(site.transforms),
+                "act_absmax_before": site.act_absmax_before,
+                "act_absmax_after": site.act_absmax_after,
+            }
+            store_site(site, ctx, products, meta)
 
         out_val = node.meta.get("example_value")
         out_dtype = out_val.dtype if out_val is not None else site.weight.dtype

@@ -27,6 +27,9 @@ of ``R2`` with the gather ``P`` between); ``lower`` turns it into that aten func
 the CPU, or fuses it into the Triton per-token quantization kernel. An online
 smoothing ``x / s`` left by ``smooth`` is merged into ``R1`` (``diag(1/s) @ R1`` is
 still block-diagonal) and its ``div`` removed.
+A group whose plan is stored (``passes/_plans.py``) applies it as stored (the online
+operands as the graph used them, ``P0``) and folds nothing into the weights it keeps;
+a plan built here is stored after it is applied.
 Numerical contract: exact in real arithmetic (float rounding of the folded weights and
 of the online matmul; checked by ``verify`` and in float64 by the tests).
 Returns the number of input groups rotated.
@@ -50,6 +53,7 @@ from qcompile.transforms import (
 )
 
 from ._folding import drop_constant, fold_output_rows, set_weight, weight_f64
+from ._plans import finish_rotate, remember, stored_plan
 from .fusion_analysis import InputGroup, input_groups
 
 DTYPE = torch.float64
@@ -85,10 +89,14 @@ class Plan:
 def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for g in input_groups(ctx):
-        with _one_thread():  # many tiny matmuls: extra OpenMP threads only contend
-            plan = build_plan(g, ctx.options.duquant)
+        plan = stored_plan(g, Plan)  # stored products (passes/_plans.py), else built
+        if plan is None:
+            with _one_thread():  # many tiny matmuls: extra OpenMP threads only contend
+                plan = build_plan(g, ctx.options.duquant)
         _apply_plan(gm, g, plan)
+        remember(gm, ctx, g, plan)
         rewrites += 1
+    finish_rotate(gm, ctx)
     gm.recompile()
     return rewrites
 
@@ -162,9 +170,10 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
     graph = gm.graph
     if plan.pre_perm is not None:  # P0 upstream: the producers' output rows
         for site in g.perm_into:
-            fold_output_rows(gm, site, perm=plan.pre_perm)
+            fold_output_rows(gm, site, perm=plan.pre_perm, weight=not site.keep_weight)
     for site in g.sites:
-        set_weight(gm, site, plan.fold(weight_f64(site)))
+        if not site.keep_weight:  # else its products are stored
+            set_weight(gm, site, plan.fold(weight_f64(site)))
 
     x = g.input
     r1 = plan.r1

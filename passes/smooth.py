@@ -15,6 +15,11 @@ is left alone), ``"rows"`` divides the output rows (and bias) of SwiGLU's up
 projection. Otherwise a ``div`` by a constant is inserted before the linears
 (``rotate`` merges it into its online block matrices when it runs). The group's
 sample and absmax are updated to the smoothed basis for ``rotate``.
+A group whose plan is stored (``InputGroup.stored``, ``passes/_plans.py``) takes its
+float64 ``s`` from it and folds nothing into members that keep their weights
+(``site.keep_weight``: their products are stored); its norm weight is the stored fold
+(or recomputed from the norm and ``s``), and an online ``x / s`` is not inserted: the
+stored online operands already hold it.
 Numerical contract: exact in real arithmetic (float rounding of the folded weights;
 verified by ``verify`` in the pipeline and in float64 by the tests).
 Returns the number of input groups smoothed.
@@ -27,10 +32,11 @@ import operator
 import torch
 from torch import fx
 
-from qcompile.context import PassContext, add_constant
+from qcompile.context import PassContext, add_constant, fqn_from_source
 from qcompile.transforms import smooth_scales
 
 from ._folding import fold_output_rows, param_tensor, set_weight, weight_f64
+from ._plans import folded_norm, stored_smooth
 from .fusion_analysis import input_groups
 
 DTYPE = torch.float64
@@ -42,15 +48,25 @@ def smooth(gm: fx.GraphModule, ctx: PassContext) -> int:
         return 0
     rewrites = 0
     for g in input_groups(ctx):
-        if g.transform != "duquant" or g.absmax is None:
+        if g.transform != "duquant":
             continue
-        s = smooth_scales(g.absmax, [weight_f64(site) for site in g.sites], alpha=alpha)
+        if g.stored is not None:  # a stored plan: its scales (float64)
+            s = stored_smooth(g)
+            if s is None:
+                continue
+        elif g.absmax is None:
+            continue
+        else:
+            s = smooth_scales(g.absmax, [weight_f64(site) for site in g.sites], alpha=alpha)
+        g.smooth_scale = s
         for site in g.sites:
-            set_weight(gm, site, weight_f64(site) * s)
+            if not site.keep_weight:
+                set_weight(gm, site, weight_f64(site) * s)
         where = _absorb(gm, g, s)
         if g.sample is not None:
             g.sample = g.sample / s
-        g.absmax = g.absmax / s
+        if g.absmax is not None:
+            g.absmax = g.absmax / s
         note = f"smooth a={alpha:g} ({where})"
         g.notes.append(note)
         for site in g.sites:
@@ -65,17 +81,26 @@ def _absorb(gm: fx.GraphModule, g, s: torch.Tensor) -> str:
     if g.scale_into is not None and g.scale_into[0] == "norm":
         mul, i = g.scale_into[1], g.scale_into[2]
         weight_node = mul.args[i]
-        w = param_tensor(weight_node).detach()
-        folded = (w.to(DTYPE) / s).to(w.dtype)
+        param = param_tensor(weight_node)
+        grapharg = weight_node.meta.get("grapharg")
+        fqn = fqn_from_source(grapharg.source.name) if grapharg is not None else None
+        fqn = fqn or weight_node.name
+        folded = folded_norm(g, param, fqn, s)  # a stored plan's; None: computed now
+        if folded is None:
+            w = param.detach()
+            folded = (w.to(DTYPE) / s).to(w.dtype)
         const = add_constant(gm, f"lowbit_{weight_node.name}_smoothed", folded, mul)
         args = list(mul.args)
         args[i] = const
         mul.args = tuple(args)
+        g.norm_fold = (param, fqn, const)
         return "fused into the norm weight"
     if g.scale_into is not None and g.scale_into[0] == "rows":
         producer = g.scale_into[1]
-        fold_output_rows(gm, producer, scale=1.0 / s)
+        fold_output_rows(gm, producer, scale=1.0 / s, weight=not producer.keep_weight)
         return f"fused into {producer.fqn} rows"
+    if g.stored is not None:  # the stored online operands hold diag(1 / s) already
+        return "online, merged into R1"
     x = g.input
     val = x.meta.get("example_value")
     dtype = val.dtype if val is not None else g.sites[0].weight.dtype

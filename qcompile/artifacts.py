@@ -1,19 +1,38 @@
 """Process-wide registry of what lowbit computed for each weight.
 
 The quantizing passes (``split_mixed_mm``, ``quantize_weights``,
-``quantize_weight_only``) store a site's products here, keyed by the weight's
-``nn.Parameter`` object (weakly: an entry dies with its parameter):
+``quantize_weight_only``, ``quantize_lowbit``) and the transform passes
+(``fusion_analysis``, ``smooth``, ``rotate``; ``passes/_plans.py``) store their
+products here, keyed by the ``nn.Parameter`` object they belong to (weakly: an entry
+dies with its parameter). Each :class:`Artifact` has a kind (``key["kind"]``):
 
-* ``key``: what the products depend on besides the weight (recipe, weight shape and
-  dtype, and per recipe family the options that matter: outlier mode and threshold;
-  scale dtype and GPTQ settings);
-* ``tensors``: the constants the passes put into the graph (int8 ``w_q`` / ``w_scale``
-  and the outlier split's ``outlier_idx`` / ``inlier_mask`` / ``w_outlier``; or the
-  weight-only ``packed`` / ``scales`` / ``zeros``). The graphs' buffers share their
-  storage, so prefill and decode graphs hold one copy;
-* ``meta``: the plan (outlier channels, bits, group size, method, SQNR, bits per weight).
+* ``"site"`` (the default; under a linear's weight): what replaces the weight in the
+  graph. ``tensors``: int8 ``w_q`` / ``w_scale`` and the outlier split's
+  ``outlier_idx`` / ``inlier_mask`` / ``w_outlier``; or the weight-only ``packed`` /
+  ``scales`` / ``zeros``; or the low-bit ``w_q`` / ``w_scale`` (``clip_ratios``) of the
+  DuQuant-family recipes, whose ``meta`` also names the transform plans the folded
+  weight was built with (``plan``: its input's, ``row_plans``: those folded into its
+  output rows);
+* ``"plan"`` (under the weight of every quantized linear of one input group): the
+  group's transform, as the graph uses it: the online ``block_rotate`` operands
+  (``r1`` / ``r1_tail``, ``perm``, ``r2`` / ``r2_tail``, in the activation dtype, an
+  online smoothing merged in), the smoothing scales ``smooth`` (float64) and the
+  permutation ``pre_perm`` folded into producers' rows; ``meta``: its id (a digest),
+  members, fusion decisions, block size, notes;
+* ``"folded"`` (under any other parameter a plan folds into): the constant that
+  replaces it in the graph, e.g. an RMSNorm weight divided by the smoothing scales, or
+  the folded weight of a linear that shares a transformed input but is not low-bit
+  quantized; ``key["plans"]`` names the plans it was folded with.
 
-Reuse rules (``lookup``):
+``key``: what the products depend on besides the parameter (recipe, weight shape and
+dtype, and per recipe family the options that matter: outlier mode and threshold;
+scale dtype and GPTQ settings; the ``duquant`` settings and the activation dtype).
+``meta``: the plan (outlier channels, bits, group size, method, SQNR, bits per weight,
+transforms). The graphs' buffers share the tensors' storage, so prefill and decode
+graphs hold one copy.
+
+Reuse rules (``lookup``; the transform plans apply them per input group, see
+``passes/_plans.py``):
 
 * the weight was released (``free_weights`` or ``qcompile.load``: a zero-memory
   placeholder, see ``placeholder``): the products whose key matches are used, and
@@ -23,7 +42,8 @@ Reuse rules (``lookup``):
   they are used as they are (no calibration needed);
 * otherwise they are reused only while the weight is unchanged (same storage and
   version counter) and the calibration-dependent inputs match (the same outlier
-  channels; for GPTQ the same ``SiteStats`` object). Else the pass recomputes and
+  channels; for GPTQ the same ``SiteStats`` object; for a transform plan the same
+  ``SiteStats`` and every member weight unchanged). Else the pass recomputes and
   replaces them.
 
 ``free_weight`` releases a parameter's storage in place (same ``Parameter``
@@ -47,7 +67,7 @@ from .recipes import get_recipe
 
 # Parameter -> {canonical key json -> Artifact}
 REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
-MAX_UNPINNED_PER_WEIGHT = 4  # older unpinned products of a weight are dropped
+MAX_UNPINNED_PER_WEIGHT = 8  # older unpinned products of a weight are dropped
 _clock = itertools.count(1)
 
 FREED_MESSAGE = (
@@ -67,6 +87,11 @@ class Artifact:
     sites: dict[str, int] = field(default_factory=dict)  # site fqn -> last use (clock)
     released: bool = False  # its weight was replaced by a placeholder (free_weights, load)
     fp_needed: bool = False  # a graph still reads the fp weight besides the quantized site
+
+    @property
+    def kind(self) -> str:
+        """``"site"`` (replaces a linear's weight), ``"plan"`` or ``"folded"``."""
+        return self.key.get("kind", "site")
 
     @property
     def nbytes(self) -> int:
@@ -110,21 +135,41 @@ def act_dtype(site) -> torch.dtype:
     return out.dtype if isinstance(out, torch.Tensor) else site.weight.dtype
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def low_bit(recipe) -> bool:
+    """Whether ``quantize_lowbit`` handles the recipe (W4A4 / W6A6 / W4A8: DuQuant,
+    Hadamard, RTN): its products record the transform plans they were built with."""
+    return (
+        recipe.quantize
+        and recipe.act_bits is not None
+        and not recipe.mixed
+        and (recipe.weight_bits, recipe.act_bits) != (8, 8)
+    )
+
+
 def site_key(site, ctx) -> dict:
     """What a site's products depend on besides the weight and the calibration."""
     recipe = get_recipe(site.scheme)
+    param = site.param if site.param is not None else site.weight
     key: dict[str, Any] = {
         "scheme": site.scheme,
-        "weight_shape": list(site.weight.shape),
-        "weight_dtype": str(site.weight.dtype).removeprefix("torch."),
+        "weight_shape": list(param.shape),
+        "weight_dtype": dtype_name(param.dtype),
     }
     if recipe.weight_only:
-        key["scale_dtype"] = str(act_dtype(site)).removeprefix("torch.")
+        key["scale_dtype"] = dtype_name(act_dtype(site))
         if recipe.gptq:
             key["gptq"] = dict(sorted(ctx.options.gptq.items()))
     elif recipe.mixed:
         key["outlier_mode"] = ctx.options.outlier_mode
         key["threshold"] = ctx.options.threshold
+    elif low_bit(recipe) and recipe.transform is not None:
+        key["act_dtype"] = dtype_name(act_dtype(site))
+        if recipe.transform == "duquant":
+            key["duquant"] = dict(sorted(ctx.options.duquant.items()))
     return key
 
 
@@ -136,19 +181,36 @@ def key_str(key: dict) -> str:
 
 
 def _same_deps(stored, wanted) -> bool:
+    """``stored`` (weak references to objects) describes ``wanted`` (the objects)."""
     if isinstance(stored, weakref.ref):
         return stored() is not None and stored() is wanted
+    if isinstance(stored, tuple) and isinstance(wanted, tuple):
+        return len(stored) == len(wanted) and all(map(_same_deps, stored, wanted))
     return stored == wanted
 
 
+def freeze_deps(deps):
+    """``deps`` as stored: ``SiteStats`` (and other objects) held by weak reference."""
+    from .calibration import SiteStats
+
+    if isinstance(deps, SiteStats):
+        return weakref.ref(deps)
+    if isinstance(deps, tuple):
+        return tuple(freeze_deps(d) for d in deps)
+    return deps
+
+
 def tracked(site) -> bool:
-    """Whether ``site``'s products are kept here: its weight is the model's own parameter
-    (not a copy folded by an equivalence transform, whose products depend on more)."""
-    return (
-        isinstance(site.weight, torch.nn.Parameter)
-        and not getattr(site, "transforms", None)
-        and getattr(get_recipe(site.scheme), "transform", None) is None
-    )
+    """Whether ``site``'s products are kept here: its weight is a model parameter, and
+    either the products do not depend on a transform folded into it (the weight the
+    passes quantize is the parameter itself) or ``quantize_lowbit`` records the plans
+    they were built with (``passes/_plans.py``)."""
+    param = site.param if getattr(site, "param", None) is not None else site.weight
+    if not isinstance(param, torch.nn.Parameter):
+        return False
+    if low_bit(get_recipe(site.scheme)):
+        return True
+    return site.weight is param and not getattr(site, "transforms", None)
 
 
 def lookup(site, ctx, deps: Any = None) -> Artifact | None:
@@ -158,7 +220,7 @@ def lookup(site, ctx, deps: Any = None) -> Artifact | None:
     (ignored for released weights and pinned products). Raises ``ValueError`` when
     the site's weight was released and nothing stored matches.
     """
-    w = site.weight
+    w = site.param
     key = site_key(site, ctx)
     if not tracked(site):
         if is_freed(w):
@@ -184,7 +246,7 @@ def pinned_for(site, ctx) -> Artifact | None:
     Raises ``ValueError`` when the weight was released and no products match the
     site's recipe and options (including sites that would stay in full precision).
     """
-    w = site.weight
+    w = site.param
     if (
         not is_freed(w)
         and w.device.type != "meta"
@@ -216,7 +278,7 @@ _NO_DEPS = object()  # never equal to stored deps: only pinned / freed products 
 
 
 def missing_message(site, key: dict) -> str:
-    stored = [a.key for a in (REGISTRY.get(site.weight) or {}).values()]
+    stored = [a.key for a in (REGISTRY.get(site.param) or {}).values() if a.kind == "site"]
     return (
         f"lowbit: the full-precision weight of {site.fqn} was released (free_weights or "
         f"qcompile.load) and no stored quantization matches this compile ({key}); stored: "
@@ -229,18 +291,29 @@ def store(
     site, ctx, tensors: dict[str, torch.Tensor], meta: dict, deps: Any = None
 ) -> Artifact | None:
     """Record ``site``'s freshly computed products (replacing stale ones for its key)."""
-    w = site.weight
     if not tracked(site):
         return None
+    return store_for(site.param, site_key(site, ctx), site.fqn, tensors, meta, deps)
+
+
+def find(param: torch.Tensor, key: dict) -> Artifact | None:
+    """The products stored under ``param`` for exactly ``key`` (no reuse rule applied)."""
+    return (REGISTRY.get(param) or {}).get(key_str(key))
+
+
+def store_for(
+    param: torch.Tensor, key: dict, fqn: str, tensors: dict, meta: dict, deps: Any = None
+) -> Artifact:
+    """Record products under ``param`` (any kind), used by ``fqn``."""
     art = Artifact(
-        key=site_key(site, ctx),
+        key=dict(key),
         tensors={k: v.detach() for k, v in tensors.items()},
         meta=dict(meta),
-        deps=deps,
-        fingerprint=fingerprint(w),
+        deps=freeze_deps(deps),
+        fingerprint=fingerprint(param),
     )
-    art.touch(site.fqn)
-    register(w, art)
+    art.touch(fqn)
+    register(param, art)
     return art
 
 
@@ -275,7 +348,7 @@ def replaced_weights(gm, ctx) -> list[tuple[torch.nn.Parameter, str, list[str]]]
     for site in ctx.sites:
         if site.skip_reason or not get_recipe(site.scheme).quantize:
             continue
-        by_param.setdefault(id(site.weight), (site.weight, []))[1].append(site.module_fqn)
+        by_param.setdefault(id(site.param), (site.param, []))[1].append(site.module_fqn)
     out = []
     for node in gm.graph.find_nodes(op="placeholder"):
         grapharg = node.meta.get("grapharg")

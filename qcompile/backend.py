@@ -59,8 +59,10 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
     products."""
     plan = []
     for param, source, _ in replaced:
-        if artifacts.is_freed(param) or not artifacts.artifacts_of(param):
-            continue
+        if artifacts.is_freed(param) or not any(
+            a.kind == "site" for a in artifacts.artifacts_of(param)
+        ):
+            continue  # nothing stored replaces it (e.g. only a folded copy of it is)
         root = _frame_root(source)
         if root is None:
             log.warning(

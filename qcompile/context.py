@@ -40,6 +40,16 @@ class LinearSite:
     transforms: list[str] = field(default_factory=list)
     act_absmax_before: float | None = None
     act_absmax_after: float | None = None
+    # the model's parameter (``weight`` becomes a folded copy once smooth / rotate fold
+    # into it); qcompile.artifacts keys a site's products by it
+    param: torch.Tensor | None = None
+    # smooth / rotate leave the weight alone: the site's final products (or its folded
+    # weight) are reused from qcompile.artifacts (passes/_plans.py)
+    keep_weight: bool = False
+
+    def __post_init__(self) -> None:
+        if self.param is None:
+            self.param = self.weight
 
     @property
     def in_features(self) -> int:
@@ -70,6 +80,8 @@ class PassContext:
     embeddings: list[str] = field(default_factory=list)  # tied lookups of quantized weights
     # options["verify"]: (example inputs, outputs of the graph before the exact passes)
     verify_reference: tuple | None = None
+    # the transform passes' stored / reused plans (passes/_plans.py: PlanState)
+    plans: Any = None
 
     def site_of(self, node: fx.Node) -> LinearSite | None:
         fqn = node.meta.get("lowbit.site")

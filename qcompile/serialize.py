@@ -1,20 +1,28 @@
 """``qcompile.save`` / ``qcompile.load``: a quantized model as one safetensors file.
 
 ``save(model, path)`` writes what lowbit produced for ``model`` (compiled with
-``backend="lowbit"`` and run at least once): the stored products of every
-quantized linear weight (``qcompile.artifacts``: int8 weights and scales, outlier
-columns; or packed codes, scales and zero points), keyed by the weight's FQN, and
-every other parameter and buffer in full precision (embeddings, norms, sites left
-in full precision; a quantized weight also used by another module, e.g. a tied
-embedding, is kept in full precision too). The safetensors metadata holds a JSON
-plan (format and version, the model's class and config, per weight its shape,
-dtype, aliases and products: recipe key, outlier channels, bits, group size,
-method, tensor names) and a SHA-256 of the plan and every tensor.
+``backend="lowbit"`` and run at least once), for every recipe: the stored products
+(``qcompile.artifacts``) keyed by the FQN of the parameter they belong to — per
+quantized linear weight its int8 weights and scales and outlier columns, or packed
+codes, scales and zero points, or low-bit ``w_q`` / ``w_scale`` and clip ratios; for
+the DuQuant family also the transform plans (online rotation blocks, permutations,
+smoothing scales) and the constants folded in place of other parameters (an RMSNorm
+weight divided by the smoothing scales) — and every other parameter and buffer in
+full precision (embeddings, norms, sites left in full precision; a quantized weight
+also used by another module, e.g. a tied embedding, is kept in full precision too).
+Identical tensors (one plan under each of its linears) are written once. The
+safetensors metadata holds a JSON plan (format and version, the model's class and
+config, per parameter its shape, dtype, aliases and products: kind, recipe key,
+outlier channels, bits, group size, method, the plans a folded weight was built with,
+tensor names; ``plans``: per transform plan its members, fusion decisions, block
+size and notes) and a SHA-256 of the plan and every tensor.
 
 ``load(path, model)`` applies the file to a freshly constructed model of the same
 class and configuration (on the meta device, or with any fp weights): it
-validates everything first and raises ``ValueError`` naming the problem without
-touching the model; then it sets the full-precision tensors, makes each
+validates everything first (including each product's shapes, dtypes and value
+ranges, and that every plan a product names is in the file) and raises ``ValueError``
+naming the problem without touching the model; then it sets the full-precision
+tensors, makes each
 quantized linear's weight a zero-memory placeholder (as ``free_weights`` does:
 eager calls of those layers raise) and registers the stored products under the new
 parameters, so ``torch.compile(model, backend="lowbit", options=<same recipe>)``
@@ -34,9 +42,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import artifacts
+from .recipes import RECIPES
 
 FORMAT = "lowbit.model"
-VERSION = 1
+VERSION = 2  # 2: the DuQuant family's "plan" and "folded" products (1: site products only)
+READABLE_VERSIONS = (1, 2)
+NO_GROUP = "-"  # passes/_plans.py: a row_plans / folded key entry for "no input transform"
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (
@@ -145,10 +156,21 @@ def _digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
 # save -------------------------------------------------------------------------------
 
 
-def _saved_artifacts(g: _Group) -> list[artifacts.Artifact]:
-    """The products the model uses now: per site FQN, the most recently used ones."""
+def _plans_of(art: artifacts.Artifact) -> list[str]:
+    """The transform plan ids a product was built with."""
+    if art.kind == "site":
+        ids = [art.meta.get("plan"), *(art.meta.get("row_plans") or [])]
+    elif art.kind == "folded":
+        ids = list(art.key.get("plans") or [])
+    else:
+        ids = [art.meta.get("id")]
+    return [i for i in ids if i not in (None, NO_GROUP)]
+
+
+def _latest(arts) -> list[artifacts.Artifact]:
+    """Per site FQN, the most recently used of ``arts``."""
     latest: dict[str, artifacts.Artifact] = {}
-    for art in artifacts.artifacts_of(g.tensor):
+    for art in arts:
         for fqn, used in art.sites.items():
             if fqn not in latest or latest[fqn].sites[fqn] < used:
                 latest[fqn] = art
@@ -156,6 +178,40 @@ def _saved_artifacts(g: _Group) -> list[artifacts.Artifact]:
     for art in latest.values():
         if not any(a is art for a in out):
             out.append(art)
+    return out
+
+
+def _used_artifacts(groups: list[_Group]) -> dict[int, list[artifacts.Artifact]]:
+    """Per group (``id``), the products the model uses now: per linear site the most
+    recently used product that replaced or folded its weight, the transform plans those
+    were built with (under every linear that holds them), and per other parameter the
+    most recently used folded copy whose plans are saved. Older products (another recipe
+    or options compiled before) are left out."""
+    params = [g for g in groups if g.kind == "parameter"]
+    every = {id(g): artifacts.artifacts_of(g.tensor) for g in params}
+    weights = {
+        gid: _latest(a for a in arts if a.kind == "site" or a.key.get("of") == "weight")
+        for gid, arts in every.items()
+    }
+    named = {i for arts in weights.values() for a in arts for i in _plans_of(a)}
+    out: dict[int, list[artifacts.Artifact]] = {id(g): [] for g in groups}
+    held: set[str] = set()
+    for g in params:
+        arts = every[id(g)]
+        plans = [a for a in arts if a.kind == "plan" and a.meta.get("id") in named]
+        held.update(a.meta["id"] for a in plans)
+        others = _latest(
+            a
+            for a in arts
+            if a.kind == "folded" and a.key.get("of") != "weight" and set(_plans_of(a)) <= named
+        )
+        out[id(g)] = [*weights[id(g)], *plans, *others]
+    missing = named - held
+    if missing:
+        raise ValueError(
+            f"lowbit.save: the stored products name transform plan(s) {sorted(missing)} that "
+            "lowbit no longer holds; compile and run the model again before saving"
+        )
     return out
 
 
@@ -170,18 +226,31 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     fp_plan: dict[str, dict] = {}
     q_plan: dict[str, dict] = {}
+    plans: dict[str, dict] = {}
     storages: set[int] = set()
+    written: dict[tuple, str] = {}  # (dtype, shape, sha256) -> name: equal tensors once
 
-    def put(name: str, t: torch.Tensor) -> str:
+    def put(name: str, t: torch.Tensor, share: bool = False) -> str:
+        """``share``: a product (read-only), written once however often it occurs."""
         t = t.detach().cpu().contiguous()
+        same = None
+        if share:
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            same = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest())
+            if same in written:
+                return written[same]
         ptr = t.untyped_storage().data_ptr()
         if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # safetensors refuses tensors that share memory
         storages.add(t.untyped_storage().data_ptr())
         tensors[name] = t
+        if same is not None:
+            written[same] = name
         return name
 
-    for g in _unique(_groups(model)):
+    unique = _unique(_groups(model))
+    used = _used_artifacts(unique)
+    for g in unique:
         entry = {
             "kind": g.kind,
             "shape": list(g.tensor.shape),
@@ -194,7 +263,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
             entry["persistent"] = g.persistent
         if g.tensor.device.type == "meta":
             raise ValueError(f"lowbit.save: {g.name} is on the meta device (not loaded)")
-        arts = _saved_artifacts(g) if g.kind == "parameter" else []
+        arts = used[id(g)]
         freed = artifacts.is_freed(g.tensor)
         for art in arts:
             if not freed and art.fingerprint != artifacts.fingerprint(g.tensor):
@@ -210,9 +279,16 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
                 )
             fp_plan[g.name] = {**entry, "tensor": put(f"fp/{g.name}", g.tensor)}
             continue
-        keep_fp = not g.linear_only or any(a.fp_needed for a in arts)
+        keep_fp = (
+            not g.linear_only
+            or any(a.fp_needed for a in arts)
+            or not any(a.kind == "site" for a in arts)  # only folded copies of it are stored
+        )
         if keep_fp and freed:  # pragma: no cover - free_weights only releases linear-only
             raise ValueError(f"lowbit.save: {g.name} was released but is not linear-only")
+        for art in arts:
+            if art.kind == "plan":
+                plans.setdefault(art.meta["id"], _plan_summary(art))
         entry["keep_fp"] = keep_fp
         entry["tensor"] = put(f"fp/{g.name}", g.tensor) if keep_fp else None
         entry["artifacts"] = [
@@ -221,7 +297,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
                 "meta": _clean(art.meta),
                 "sites": sorted(art.sites),
                 "tensors": {
-                    role: put(f"q/{g.name}/{i}/{role}", t)
+                    role: put(f"q/{g.name}/{i}/{role}", t, share=True)
                     for role, t in sorted(art.tensors.items())
                 },
             }
@@ -234,7 +310,14 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
             "compile it with torch.compile(model, backend='lowbit', options=...) and run it "
             "once before saving"
         )
-    recipes = sorted({a["key"]["scheme"] for e in q_plan.values() for a in e["artifacts"]})
+    recipes = sorted(
+        {
+            a["key"]["scheme"]
+            for e in q_plan.values()
+            for a in e["artifacts"]
+            if a["key"].get("kind", "site") == "site"
+        }
+    )
     plan = {
         "format": FORMAT,
         "version": VERSION,
@@ -243,6 +326,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
         "recipes": recipes,
         "fp": fp_plan,
         "quantized": q_plan,
+        "plans": plans,
         "tensors": {
             n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in tensors.items()
         },
@@ -258,6 +342,18 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _plan_summary(art: artifacts.Artifact) -> dict:
+    """A transform plan as the file's ``plans`` section lists it (readable, not used)."""
+    m = _clean(art.meta)
+    keys = ("transform", "members", "in_features", "block_size", "smooth_into", "perm_into")
+    out = {k: m.get(k) for k in keys}
+    out["duquant"] = art.key.get("duquant")
+    out["act_dtype"] = art.key.get("act_dtype")
+    out["notes"] = m.get("notes")
+    out["online_reason"] = m.get("online_reason")
+    return out
 
 
 # load -------------------------------------------------------------------------------
@@ -302,9 +398,11 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _bad(path, f"corrupt plan metadata ({e})") from None
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise _bad(path, f"not a lowbit model file (format {plan.get('format')!r})")
-    if plan.get("version") != VERSION:
+    if plan.get("version") not in READABLE_VERSIONS:
         raise _bad(
-            path, f"format version {plan.get('version')!r} is not supported (this is {VERSION})"
+            path,
+            f"format version {plan.get('version')!r} is not supported (this reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})",
         )
     try:
         tensors = load_file(path)
@@ -323,6 +421,8 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         for section in ("fp", "quantized"):
             if not isinstance(plan[section], dict):
                 raise _bad(path, f"bad plan section {section!r}")
+        if not isinstance(plan.setdefault("plans", {}), dict):
+            raise _bad(path, "bad plan section 'plans'")
     except (KeyError, TypeError) as e:
         raise _bad(path, f"incomplete plan (missing {e})") from None
     return plan, tensors
@@ -362,6 +462,8 @@ def _validate(path: str, plan: dict, tensors: dict, model, groups: dict[str, _Gr
 
 def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Group]) -> None:
     covered: set[int] = set()
+    found_plans: dict[str, tuple] = {}  # plan id -> (tensor names, first holder)
+    named_plans: dict[str, str] = {}  # plan id -> a product that names it
     for section in ("fp", "quantized"):
         for name, e in plan[section].items():
             try:
@@ -405,6 +507,11 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
                     raise _bad(path, f"the products of {name} are incomplete or inconsistent")
             if not e.get("artifacts"):
                 raise _bad(path, f"no products recorded for {name}")
+            try:
+                _check_products(path, name, e, tensors, found_plans, named_plans)
+            except (KeyError, TypeError, AttributeError) as err:
+                raise _bad(path, f"the products of {name} are malformed ({err!r})") from None
+    _check_plan_references(path, plan, found_plans, named_plans)
     missing = [g.name for g in _unique(groups) if id(g) not in covered]
     if missing:
         raise _bad(
@@ -412,6 +519,137 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
             f"the model has {len(missing)} parameter(s)/buffer(s) the file does not, e.g. "
             f"{missing[:3]} (another architecture or configuration?)",
         )
+
+
+def _check_products(path, name, entry, tensors, found_plans, named_plans) -> None:
+    """Shapes, dtypes and value ranges of one parameter's products (any recipe)."""
+    shape = entry["shape"]
+    for art in entry["artifacts"]:
+        key, meta = art["key"], art["meta"]
+        t = {role: tensors[n] for role, n in art["tensors"].items()}
+        kind = key.get("kind", "site")
+        if kind == "site":
+            _check_site(path, name, shape, key, meta, t)
+            for i in [meta.get("plan"), *(meta.get("row_plans") or [])]:
+                if i not in (None, NO_GROUP):
+                    named_plans.setdefault(i, name)
+        elif kind == "plan":
+            _check_plan(path, name, shape, key, t)
+            pid = meta["id"]
+            names = dict(sorted(art["tensors"].items()))
+            if pid in found_plans and found_plans[pid][0] != names:
+                raise _bad(
+                    path,
+                    f"the transform plan {pid} differs between {found_plans[pid][1]} and {name}",
+                )
+            found_plans.setdefault(pid, (names, name))
+        elif kind == "folded":
+            value = t.get("value", t.get("weight"))
+            if (
+                value is None
+                or list(value.shape) != shape
+                or (_dtype_name(value.dtype) != key["value_dtype"])
+            ):
+                raise _bad(path, f"the folded copy of {name} does not match its shape or dtype")
+            _finite(path, name, "folded copy", value)
+            for i in key["plans"]:
+                if i != NO_GROUP:
+                    named_plans.setdefault(i, name)
+        else:
+            raise _bad(path, f"unknown product kind {kind!r} for {name}")
+
+
+def _finite(path, name, what, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise _bad(path, f"the {what} of {name} holds non-finite values")
+
+
+def _check_site(path, name, shape, key, meta, t) -> None:
+    recipe = RECIPES.get(key.get("scheme"))
+    if recipe is None:
+        raise _bad(path, f"{name} was quantized with an unknown recipe {key.get('scheme')!r}")
+    if "w_q" in t or artifacts.low_bit(recipe):
+        w_q, w_scale = t.get("w_q"), t.get("w_scale")
+        if w_q is None or w_scale is None:
+            raise _bad(path, f"the quantized weight or scales of {name} are missing")
+        if w_q.dtype != torch.int8 or list(w_q.shape) != shape:
+            raise _bad(
+                path,
+                f"the quantized weight of {name} is {_dtype_name(w_q.dtype)}"
+                f"{list(w_q.shape)}, expected int8{shape}",
+            )
+        if list(w_scale.shape) != shape[:1]:
+            raise _bad(path, f"the scales of {name} have shape {list(w_scale.shape)}")
+        _finite(path, name, "scales", w_scale)
+    if not artifacts.low_bit(recipe):
+        return
+    qmax = 2 ** (recipe.weight_bits - 1) - 1
+    if meta.get("bits") != recipe.weight_bits or int(w_q.abs().max()) > qmax:
+        raise _bad(path, f"the quantized weight of {name} is not {recipe.weight_bits}-bit")
+    clip = t.get("clip_ratios")
+    if clip is not None and (
+        list(clip.shape) != shape[:1] or not bool(((clip > 0) & (clip <= 1)).all())
+    ):
+        raise _bad(path, f"the clip ratios of {name} are malformed")
+    plan, rows = meta.get("plan"), meta.get("row_plans", [])
+    if not (plan is None or isinstance(plan, str)) or not (
+        isinstance(rows, list) and all(isinstance(r, str) for r in rows)
+    ):
+        raise _bad(path, f"the transform plans named by {name}'s products are malformed")
+
+
+def _check_plan(path, name, shape, key, t) -> None:
+    k = key["in_features"]
+    if shape[-1] != k:
+        raise _bad(path, f"the transform plan of {name} is for {k} input channels, not {shape[-1]}")
+    for stage in ("r1", "r2"):
+        blocks, tail = t.get(stage), t.get(f"{stage}_tail")
+        if stage == "r2" and blocks is None and tail is None:
+            continue
+        size = 0
+        if blocks is not None:
+            if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+                raise _bad(path, f"the {stage} blocks of {name}'s plan are not square")
+            size += blocks.shape[0] * blocks.shape[1]
+        if tail is not None:
+            if tail.dim() != 2 or tail.shape[0] != tail.shape[1]:
+                raise _bad(path, f"the {stage} remainder block of {name}'s plan is not square")
+            size += tail.shape[0]
+        if size != k:
+            raise _bad(path, f"the {stage} blocks of {name}'s plan cover {size} of {k} channels")
+        for m in (blocks, tail):
+            if m is not None and _dtype_name(m.dtype) != key["act_dtype"]:
+                raise _bad(path, f"the {stage} blocks of {name}'s plan are not {key['act_dtype']}")
+            if m is not None:
+                _finite(path, name, f"{stage} blocks", m)
+    for role in ("perm", "pre_perm"):
+        p = t.get(role)
+        if p is not None and (
+            p.dtype != torch.int64
+            or list(p.shape) != [k]
+            or not torch.equal(p.sort().values, torch.arange(k))
+        ):
+            raise _bad(path, f"the {role} of {name}'s plan is not a permutation of {k} channels")
+    s = t.get("smooth")
+    if s is not None and (
+        s.dtype != torch.float64
+        or list(s.shape) != [k]
+        or not bool(torch.isfinite(s).all())
+        or not bool((s > 0).all())
+    ):
+        raise _bad(path, f"the smoothing scales of {name}'s plan are malformed")
+
+
+def _check_plan_references(path, plan, found_plans, named_plans) -> None:
+    for pid, holder in named_plans.items():
+        if pid not in found_plans:
+            raise _bad(
+                path,
+                f"the products of {holder} name the transform plan {pid}, which the "
+                "file does not hold",
+            )
+    if set(plan["plans"]) != set(found_plans):
+        raise _bad(path, "the 'plans' section does not list the file's transform plans")
 
 
 def _model_device(model) -> torch.device:
@@ -446,6 +684,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, device=None) -> tor
     groups = _groups(root)
     _validate(path, plan, tensors, root, groups)
     device = torch.device(device) if device is not None else _model_device(root)
+    moved: dict[str, torch.Tensor] = {}
+
+    def tensor(name: str) -> torch.Tensor:  # one copy of a tensor the file shares
+        if name not in moved:
+            moved[name] = tensors[name].to(device)
+        return moved[name]
 
     for name, e in plan["fp"].items():
         _assign(groups[name], tensors[e["tensor"]].to(device))
@@ -460,7 +704,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, device=None) -> tor
         for spec in e["artifacts"]:
             art = artifacts.Artifact(
                 key=spec["key"],
-                tensors={role: tensors[t].to(device) for role, t in spec["tensors"].items()},
+                tensors={role: tensor(t) for role, t in spec["tensors"].items()},
                 meta=dict(spec["meta"]),
                 fingerprint=artifacts.fingerprint(param),
                 pinned=True,

@@ -1,7 +1,10 @@
 """options["free_weights"]: after the first compiled call the fp weights of the replaced
 linears are released; the compiled model's outputs do not change (including the
 recompile that follows and a new input shape), eager calls of a released layer raise,
-and without the option the user's parameters are untouched."""
+and without the option the user's parameters are untouched. For every recipe family,
+the DuQuant family's transform plans included; and the stored products
+(``qcompile.artifacts``) are reused by a second compile with the same calibration and
+recomputed when what they depend on changes."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from helpers import TinySpec, build_model, eager_logits, input_ids
 
 import qcompile
 from qcompile import artifacts
+from qcompile.passes import quantize_lowbit as quantize_lowbit_mod
+from qcompile.passes import rotate as rotate_mod
+from qcompile.passes import smooth as smooth_mod
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -34,13 +40,26 @@ def options(recipe: str, calibration, **extra) -> dict:
     opts = {"recipe": recipe, "calibration": calibration, "handoff": "eager", **extra}
     if recipe == "int8-mixed":
         opts["threshold"] = 0.5
+    if recipe.endswith("duquant"):
+        opts.setdefault("duquant", {"block_size": 16})  # two-stage rotations, P0
     return opts
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
 def model_and_data():
     model = build_model(SPEC)
-    calibration = qcompile.calibrate(model, [input_ids(SPEC, batch=2, seq=16, seed=2)])
+    calibration = qcompile.calibrate(
+        model, [input_ids(SPEC, batch=2, seq=16, seed=2)], sample_rows=32
+    )
     return model, calibration, input_ids(SPEC, batch=1, seq=8), input_ids(SPEC, batch=1, seq=5)
 
 
@@ -53,9 +72,10 @@ def reference_logits(model, opts, *inputs) -> list[torch.Tensor]:
         return [fast(x).logits for x in inputs]
 
 
-def test_outputs_unchanged_memory_released(model_and_data):
+@pytest.mark.parametrize("recipe", ["int8-mixed", "w4a4-duquant", "w4a4-hadamard"])
+def test_outputs_unchanged_memory_released(model_and_data, recipe):
     model, calibration, ids, short = model_and_data
-    opts = options("int8-mixed", calibration)  # split + int8 products
+    opts = options(recipe, calibration)  # split + int8 products; transform plans
     ref_long, ref_short = reference_logits(model, opts, ids, short)
     before = resident_bytes(model)
 
@@ -83,11 +103,12 @@ def test_outputs_unchanged_memory_released(model_and_data):
     assert 0 < reports[0].memory["quantized_bytes"]
 
 
-def test_eager_call_of_a_released_layer_raises(model_and_data):
+@pytest.mark.parametrize("recipe", ["w8a8", "w6a6-duquant"])
+def test_eager_call_of_a_released_layer_raises(model_and_data, recipe):
     model, calibration, ids, _ = model_and_data
     torch._dynamo.reset()
     fast = torch.compile(
-        model, backend="lowbit", options=options("w8a8", calibration, free_weights=True)
+        model, backend="lowbit", options=options(recipe, calibration, free_weights=True)
     )
     with torch.no_grad():
         fast(ids)
@@ -151,13 +172,14 @@ def test_without_free_weights_the_model_is_untouched(model_and_data):
     assert torch.equal(eager_logits(model, ids), ref)
 
 
-def test_generate_with_free_weights():
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4-duquant"])
+def test_generate_with_free_weights(recipe):
     """prefill and decode graphs: both reuse the products after the release."""
     spec = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
     model = build_model(spec)
     prompt = input_ids(spec, batch=1, seq=6)
-    calibration = qcompile.calibrate(model, [input_ids(spec, batch=2, seq=16)])
-    opts = options("w8a8", calibration)
+    calibration = qcompile.calibrate(model, [input_ids(spec, batch=2, seq=16)], sample_rows=32)
+    opts = options(recipe, calibration)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         torch._dynamo.reset()
@@ -173,3 +195,88 @@ def test_generate_with_free_weights():
 def test_free_weights_must_be_a_bool():
     with pytest.raises(ValueError, match="free_weights"):
         qcompile.Options.parse({"free_weights": "yes"})
+
+
+# the DuQuant family's stored products ------------------------------------------------
+
+
+@pytest.fixture
+def count_builds(monkeypatch):
+    """Calls of what the transform and low-bit passes compute, by name."""
+    calls = {"build_plan": 0, "smooth_scales": 0, "search_clip_ratios": 0}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for mod, name in (
+        (rotate_mod, "build_plan"),
+        (smooth_mod, "smooth_scales"),
+        (quantize_lowbit_mod, "search_clip_ratios"),
+    ):
+        monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
+
+    def take() -> dict:
+        out = dict(calls)
+        calls.update(dict.fromkeys(calls, 0))
+        return out
+
+    return take
+
+
+def compiled(model, opts, ids) -> torch.Tensor:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend="lowbit", options=opts)(ids).logits
+
+
+def test_duquant_products_are_reused_and_recomputed_when_their_inputs_change(
+    model_and_data, count_builds
+):
+    model, calibration, ids, _ = model_and_data
+    opts = options("w4a4-duquant", calibration)
+    first = compiled(model, opts, ids)
+    built = count_builds()
+    assert built["build_plan"] == 5 and built["search_clip_ratios"] == 8  # 5 inputs, 8 linears
+    assert torch.equal(compiled(model, opts, ids), first)  # same calibration: all reused
+    assert count_builds() == dict.fromkeys(built, 0)
+    row = qcompile.compiled_reports()[-1].sites[0]
+    assert "R1" in row.transforms and row.act_absmax_after < row.act_absmax_before
+
+    compiled(model, {**opts, "duquant": {"block_size": 16, "alpha": 0.6}}, ids)
+    assert count_builds()["build_plan"] == 5  # a duquant setting is part of the key
+    compiled(model, {**opts, "verify": True}, ids)
+    assert count_builds()["build_plan"] == 5  # verify checks the passes: they run
+    again = qcompile.calibrate(model, [input_ids(SPEC, batch=2, seq=16, seed=2)], sample_rows=32)
+    opts["calibration"] = again
+    assert torch.equal(compiled(model, opts, ids), first)
+    assert count_builds()["build_plan"] == 5  # another calibration object: rebuilt, same plans
+
+    with torch.no_grad():  # down_proj changes: its input's plan and its producers' products
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    changed = compiled(model, opts, ids)
+    assert count_builds() == {"build_plan": 2, "smooth_scales": 2, "search_clip_ratios": 3}
+    assert torch.equal(changed, compiled(copy.deepcopy(model), opts, ids))  # as if fresh
+
+
+def test_duquant_after_free_weights_needs_no_calibration_and_checks_options(
+    model_and_data, count_builds
+):
+    model, calibration, ids, _ = model_and_data
+    opts = options("w4a4-duquant", calibration)
+    (ref,) = reference_logits(model, opts, ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})(ids)
+    count_builds()
+    assert artifacts.is_freed(model.model.layers[0].self_attn.q_proj.weight)
+    no_calibration = {k: v for k, v in opts.items() if k != "calibration"}
+    assert torch.equal(compiled(model, no_calibration, ids), ref)
+    assert count_builds() == {"build_plan": 0, "smooth_scales": 0, "search_clip_ratios": 0}
+    for other in ({"duquant": {"block_size": 8}}, {"recipe": "w4a4-hadamard"}):
+        with pytest.raises(Exception, match="was released") as ei:
+            compiled(model, {**no_calibration, **other}, ids)
+        assert isinstance(getattr(ei.value, "inner_exception", ei.value), ValueError)

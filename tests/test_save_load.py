@@ -1,6 +1,7 @@
 """qcompile.save / qcompile.load: a quantized model round-trips bit for bit, without
-calibrating again, onto a meta-device model or one with other fp weights; a bad file
-or another model is a ValueError that leaves the target model as it was."""
+calibrating again, onto a meta-device model or one with other fp weights, for every
+recipe family (int8, weight-only, and the DuQuant family with its transform plans);
+a bad file or another model is a ValueError that leaves the target model as it was."""
 
 from __future__ import annotations
 
@@ -12,23 +13,41 @@ import struct
 import pytest
 import torch
 from helpers import TinySpec, build_model, input_ids
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcompile
-from qcompile import artifacts
+from qcompile import artifacts, serialize
+from qcompile.passes import quantize_lowbit as quantize_lowbit_mod
+from qcompile.passes import rotate as rotate_mod
+from qcompile.passes import smooth as smooth_mod
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 SPEC = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
 CALIBRATION_WARNING = "calibrating on this graph's example inputs"
-RECIPES = ["int8-mixed", "w8a8", "w4a16-g32", "w3a16-g32-gptq"]
+TRANSFORM_RECIPES = ["w4a4-duquant", "w6a6-duquant", "w4a4-hadamard"]
+RECIPES = ["int8-mixed", "w8a8", "w4a16-g32", "w3a16-g32-gptq", *TRANSFORM_RECIPES]
+# blocks of 16 on K = 32 / 64: two-stage rotations, zigzag permutations, P0 into gate/up
+DUQUANT = {"block_size": 16}
 
 
 def recipe_options(recipe: str) -> dict:
     opts = {"recipe": recipe, "handoff": "eager"}
     if recipe == "int8-mixed":
         opts["threshold"] = 0.5  # low enough that some input channels are outliers
+    if recipe.endswith("duquant"):
+        opts["duquant"] = DUQUANT
     return opts
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def compiled_logits(model, ids, options) -> torch.Tensor:
@@ -80,7 +99,10 @@ def saved_model(tmp_path_factory, recipe: str, spec: TinySpec = SPEC):
     model = build_model(spec)
     ids = input_ids(spec, batch=1, seq=8)
     calibration = qcompile.calibrate(
-        model, [input_ids(spec, batch=2, seq=16, seed=s) for s in (2, 3)], hessian=True
+        model,
+        [input_ids(spec, batch=2, seq=16, seed=s) for s in (2, 3)],
+        hessian=True,
+        sample_rows=32,  # the DuQuant family builds its transforms from it
     )
     reference = compiled_logits(model, ids, {**recipe_options(recipe), "calibration": calibration})
     if recipe == "int8-mixed":
@@ -137,13 +159,13 @@ def test_plan_records_the_quantization(saved):
         n = struct.unpack("<Q", f.read(8))[0]
         meta = json.loads(f.read(n))["__metadata__"]
     plan = json.loads(meta["lowbit"])
-    assert plan["format"] == "lowbit.model" and plan["version"] == 1
+    assert plan["format"] == "lowbit.model" and plan["version"] == 2
     assert plan["model_class"] == "LlamaForCausalLM"
     assert plan["config"]["hidden_size"] == 32 and plan["recipes"] == [recipe]
     entry = plan["quantized"]["model.layers.0.mlp.down_proj.weight"]
     assert entry["shape"] == [32, 64] and entry["dtype"] == "float32" and not entry["keep_fp"]
     assert entry["tensor"] is None, "a quantized linear's fp weight is not saved"
-    (art,) = entry["artifacts"]
+    (art,) = [a for a in entry["artifacts"] if a["key"].get("kind", "site") == "site"]
     assert art["key"]["scheme"] == recipe
     assert art["sites"] == ["model.layers.0.mlp.down_proj.weight"]
     if recipe.startswith("w") and "a16" in recipe:
@@ -152,10 +174,94 @@ def test_plan_records_the_quantization(saved):
             "scales",
             "zeros",
         }
+    elif recipe in TRANSFORM_RECIPES:
+        assert art["meta"]["bits"] == int(recipe[1]) and {"w_q", "w_scale"} <= set(art["tensors"])
     else:
         assert art["meta"]["bits"] == 8 and {"w_q", "w_scale"} <= set(art["tensors"])
-    assert "model.embed_tokens.weight" in plan["fp"] and "model.norm.weight" in plan["fp"]
+    assert "model.embed_tokens.weight" in plan["fp"]
+    assert ("model.norm.weight" in plan["fp"]) == (not recipe.endswith("duquant"))  # folded
     assert len(meta["lowbit_sha256"]) == 64
+
+
+def read_plan(path) -> dict:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(json.loads(f.read(n))["__metadata__"]["lowbit"])
+
+
+def products(plan: dict, name: str, kind: str = "site") -> list[dict]:
+    """The products of a parameter in a file's plan, of one kind."""
+    arts = plan["quantized"][name]["artifacts"]
+    return [a for a in arts if a["key"].get("kind", "site") == kind]
+
+
+@pytest.mark.parametrize("recipe", TRANSFORM_RECIPES)
+def test_plan_records_the_transforms(saved_files, recipe):
+    """The JSON plan holds each input group's transform (members, fusion decisions, block
+    size, notes) and every product names the plans it was built with."""
+    _, path, _, _ = saved_files(recipe)
+    plan = read_plan(path)
+    plans = plan["plans"]
+    assert len(plans) == 5  # q/k/v, o, gate/up, down, lm_head
+    by_member = {m: (pid, p) for pid, p in plans.items() for m in p["members"]}
+    layer = "model.layers.0."
+    down_id, down = by_member[layer + "mlp.down_proj.weight"]
+    qkv_id, qkv = by_member[layer + "self_attn.k_proj.weight"]
+    assert sorted(qkv["members"]) == [f"{layer}self_attn.{p}_proj.weight" for p in "kqv"]
+    (up_site,) = products(plan, layer + "mlp.up_proj.weight")
+    (up_plan,) = products(plan, layer + "mlp.up_proj.weight", "plan")
+    assert up_site["meta"]["row_plans"] == [down_id]  # down's transform folds into its rows
+    assert up_site["meta"]["plan"] == up_plan["meta"]["id"] != down_id
+    (down_plan,) = products(plan, layer + "mlp.down_proj.weight", "plan")
+    if recipe.endswith("duquant"):
+        assert down["block_size"] == 16 and down["duquant"]["block_size"] == 16
+        assert down["smooth_into"] == f"rows:{layer}mlp.up_proj.weight"
+        assert down["perm_into"] == [f"{layer}mlp.gate_proj.weight", f"{layer}mlp.up_proj.weight"]
+        assert {"r1", "smooth", "pre_perm"} <= set(down_plan["tensors"])
+        assert qkv["smooth_into"] == f"norm:{layer}input_layernorm.weight"
+        assert plans[by_member[layer + "self_attn.o_proj.weight"][0]]["online_reason"]
+        # the RMSNorm weight: saved in full precision and as its folded copy
+        norm = plan["quantized"][layer + "input_layernorm.weight"]
+        assert norm["keep_fp"] and norm["tensor"] is not None
+        (folded,) = products(plan, layer + "input_layernorm.weight", "folded")
+        assert folded["key"]["plans"] == [qkv_id]
+        (q_site,) = products(plan, layer + "self_attn.q_proj.weight")
+        assert "clip search" in q_site["meta"]["method"] and "clip_ratios" in q_site["tensors"]
+    else:
+        assert down["transform"] == "hadamard" and set(down_plan["tensors"]) == {"r1"}
+        assert down["notes"][0].startswith(("hadamard 64x64", "random-orthogonal 64x64"))
+    # one plan held by q, k and v is written once
+    (q_plan,) = products(plan, layer + "self_attn.q_proj.weight", "plan")
+    (v_plan,) = products(plan, layer + "self_attn.v_proj.weight", "plan")
+    assert q_plan["tensors"] == v_plan["tensors"]
+
+
+@pytest.mark.parametrize("recipe", ["w4a4-duquant", "w4a4-hadamard"])
+def test_load_computes_no_transform_and_no_quantization(saved_files, recipe, monkeypatch):
+    """After load, nothing of the plan or the low-bit weights is computed again."""
+    _, path, reference, ids = saved_files(recipe)
+    model = qcompile.load(path, meta_model())
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed after load")
+
+    for mod, name in (
+        (rotate_mod, "build_plan"),
+        (smooth_mod, "smooth_scales"),
+        (quantize_lowbit_mod, "search_clip_ratios"),
+        (quantize_lowbit_mod, "quantize_weight_per_channel_bits"),
+    ):
+        monkeypatch.setattr(mod, name, forbidden)
+    opts = {**recipe_options(recipe), "verify": True}  # skipped: nothing is recomputed
+    assert torch.equal(compiled_logits(model, ids, opts), reference)
+    row = next(r for r in qcompile.compiled_reports()[-1].sites if "down_proj" in r.fqn)
+    assert row.transforms and row.act_absmax_after is not None and row.method.startswith("rtn")
+    # other duquant settings (or recipe) than the saved ones: a clear error, not a silent mix
+    other = {**recipe_options(recipe), "duquant": {"block_size": 8}, "recipe": "w4a4-duquant"}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no stored quantization matches"):
+        with torch.no_grad():
+            torch.compile(model, backend="lowbit", options=other)(ids)
 
 
 def test_tied_weights_and_a_model_compiled_with_free_weights(tmp_path):
@@ -237,8 +343,9 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("target", ["meta", "fp"])
-def test_bad_file_raises_and_leaves_model_unchanged(saved_files, tmp_path, case, target):
-    _, path, _, _ = saved_files("int8-mixed")  # the file format does not depend on the recipe
+@pytest.mark.parametrize("recipe", ["int8-mixed", "w4a4-duquant"])
+def test_bad_file_raises_and_leaves_model_unchanged(saved_files, tmp_path, case, target, recipe):
+    _, path, _, _ = saved_files(recipe)
     model = meta_model() if target == "meta" else build_model(SPEC)
     snap = snapshot(model)
     with pytest.raises(ValueError, match="lowbit.load") as ei:
@@ -257,8 +364,9 @@ def test_bad_file_raises_and_leaves_model_unchanged(saved_files, tmp_path, case,
     ],
     ids=["hidden-size", "more-layers", "tied"],
 )  # fmt: skip
-def test_other_model_raises_and_is_left_unchanged(saved_files, other, words):
-    _, path, _, _ = saved_files("w4a16-g32")
+@pytest.mark.parametrize("recipe", ["w4a16-g32", "w4a4-duquant"])
+def test_other_model_raises_and_is_left_unchanged(saved_files, other, words, recipe):
+    _, path, _, _ = saved_files(recipe)
     for model in (meta_model(other), build_model(other)):
         snap = snapshot(model)
         with pytest.raises(ValueError, match="lowbit.load") as ei:
@@ -288,3 +396,101 @@ def test_calibration_file_is_not_a_model_file(tmp_path):
     with pytest.raises(ValueError, match="not a lowbit model file"):
         qcompile.load(path, model)
     assert_unchanged(model, snap)
+
+
+def resigned(path, tmp_path, edit) -> str:
+    """A copy of a model file with ``edit(plan, tensors)`` applied and a valid checksum
+    (what a buggy writer, not a flipped bit, would produce)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        meta = json.loads(f.read(n))["__metadata__"]
+    plan, tensors = json.loads(meta["lowbit"]), load_file(path)
+    edit(plan, tensors)
+    plan["tensors"] = {
+        k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for k, t in tensors.items()
+    }
+    plan["data_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    plan_json = json.dumps(plan, sort_keys=True)
+    out = tmp_path / "resigned.safetensors"
+    signature = serialize._digest(plan_json, tensors)
+    save_file(tensors, out, metadata={"lowbit": plan_json, "lowbit_sha256": signature})
+    return out
+
+
+def _plan_tensor(plan, member: str, role: str) -> str:
+    (art,) = products(plan, member, "plan")
+    return art["tensors"][role]
+
+
+def _break_perm(plan, tensors):
+    name = _plan_tensor(plan, "model.layers.0.mlp.down_proj.weight", "pre_perm")
+    tensors[name] = torch.zeros_like(tensors[name])
+
+
+def _short_rotation(plan, tensors):
+    name = _plan_tensor(plan, "model.layers.0.self_attn.q_proj.weight", "r1")
+    tensors[name] = tensors[name][:1].clone()
+
+
+def _missing_plan(plan, tensors):
+    (art,) = products(plan, "model.layers.0.mlp.up_proj.weight")
+    art["meta"]["row_plans"] = ["0123456789abcdef"]
+
+
+def _too_many_bits(plan, tensors):
+    (art,) = products(plan, "model.layers.0.mlp.down_proj.weight")
+    name = art["tensors"]["w_q"]
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = 100  # not a 4-bit value
+
+
+def _wrong_folded_norm(plan, tensors):
+    (art,) = plan["quantized"]["model.layers.0.input_layernorm.weight"]["artifacts"]
+    name = art["tensors"]["value"]
+    tensors[name] = torch.ones(31)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_break_perm, "not a permutation"),
+        (_short_rotation, "cover 16 of 32 channels"),
+        (_missing_plan, "does not hold"),
+        (_too_many_bits, "not 4-bit"),
+        (_wrong_folded_norm, "folded copy"),
+    ],
+    ids=["permutation", "rotation-blocks", "plan-missing", "bits", "folded-norm"],
+)
+def test_inconsistent_duquant_products_raise_before_loading(saved_files, tmp_path, edit, words):
+    _, path, _, _ = saved_files("w4a4-duquant")
+    bad = resigned(path, tmp_path, edit)
+    for model in (meta_model(), build_model(SPEC)):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match="lowbit.load") as ei:
+            qcompile.load(bad, model)
+        assert words in str(ei.value)
+        assert_unchanged(model, snap)
+    qcompile.load(resigned(path, tmp_path, lambda plan, tensors: None), meta_model())  # valid
+
+
+def test_duquant_round_trip_with_tied_embeddings_and_generate(tmp_path):
+    """A tied lm_head keeps its fp weight; prefill and decode graphs both use the loaded
+    transforms: generate() gives the saved model's tokens."""
+    spec = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=True)
+    model = build_model(spec)
+    prompt = input_ids(spec, batch=1, seq=6)
+    calibration = qcompile.calibrate(model, [input_ids(spec, batch=2, seq=16)], sample_rows=32)
+    opts = recipe_options("w4a4-duquant")
+    with torch.no_grad():
+        model.compile(backend="lowbit", options={**opts, "calibration": calibration})
+        expected = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    path = tmp_path / "tied-duquant.safetensors"
+    qcompile.save(model, path)
+    torch._dynamo.reset()
+    loaded = qcompile.load(path, meta_model(spec))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert not artifacts.is_freed(loaded.lm_head.weight)
+    with torch.no_grad():
+        loaded.compile(backend="lowbit", options=opts)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=3, do_sample=False), expected)
