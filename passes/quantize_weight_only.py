@@ -127,6 +127,7 @@ def gptq_or_rtn(w, hessian, bits: int, group: int, act_dtype: torch.dtype, gopts
         damp=gopts["damp"],
         act_order=gopts["act_order"],
         block_size=gopts["block_size"],
+        clip_search=gopts["clip_search"],
         scale_dtype=act_dtype,
     )
     rtn_error = reconstruction_error(

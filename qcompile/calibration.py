@@ -53,14 +53,15 @@ class SiteStats:
         )
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x [..., K]``; ``xtx``: their ``X^T X`` if already computed
+        (sites that read the same input, e.g. q/k/v, share it)."""
         x2 = x.detach().reshape(-1, x.shape[-1])
         mag = x2.abs().float()
         self.absmax = torch.maximum(self.absmax, mag.amax(dim=0).cpu())
         self.over_threshold += (mag >= self.threshold).sum(dim=0).cpu()
         if self.hessian is not None:
-            xd = x2.double().cpu()
-            self.hessian += xd.t() @ xd
+            self.hessian += gram(x2) if xtx is None else xtx
         if self.sample_rows > 0:
             self._update_sample(x2.float().cpu())
         self.rows += x2.shape[0]
@@ -179,6 +180,20 @@ def _as_call(batch):
     )
 
 
+GRAM_CHUNK_ROWS = 1024
+
+
+def gram(x2: torch.Tensor) -> torch.Tensor:
+    """``X^T X [K, K]`` in float64 of the rows ``x2 [R, K]``: float32 products per chunk of
+    ``GRAM_CHUNK_ROWS`` rows (4x faster than float64 here; relative error ~1e-7 per
+    chunk, far below what GPTQ's damping tolerates), accumulated in float64."""
+    out = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+    for r0 in range(0, x2.shape[0], GRAM_CHUNK_ROWS):
+        xc = x2[r0 : r0 + GRAM_CHUNK_ROWS].float().cpu()
+        out += (xc.t() @ xc).double()
+    return out
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -210,11 +225,19 @@ def calibrate(
 
     per_module: dict[torch.nn.Module, SiteStats] = {}
 
+    last_gram: dict = {}  # the input's X^T X, reused by the next linear reading the same x
+
     def hook(mod, args):
         x = args[0]
         if mod not in per_module:
             per_module[mod] = SiteStats.empty(x.shape[-1], threshold, hessian, sample_rows)
-        per_module[mod].update(x)
+        xtx = None
+        if hessian:
+            if last_gram.get("x") is not x or last_gram["version"] != x._version:
+                xtx = gram(x.detach().reshape(-1, x.shape[-1]))
+                last_gram.update(x=x, version=x._version, xtx=xtx)
+            xtx = last_gram["xtx"]
+        per_module[mod].update(x, xtx)
 
     handles = [m.register_forward_pre_hook(hook) for m in names_by_module]
     n = 0
@@ -224,6 +247,7 @@ def calibrate(
             model(*args, **kwargs)
             n += 1
     finally:
+        last_gram.clear()
         for h in handles:
             h.remove()
     if n == 0:

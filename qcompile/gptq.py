@@ -54,11 +54,14 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    clip_search: bool = False,
     scale_dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
     """GPTQ-quantize ``weight [N, K]`` given ``hessian = X^T X [K, K]``.
 
     ``damp``: fraction of the mean diagonal added to ``H`` (numerical stability).
+    ``clip_search``: fit each group's range by a Hessian-diagonal-weighted error
+    search over shrink factors (``_fit``) instead of min/max.
     Raises ``ValueError`` when ``group_size`` does not divide ``K``.
     """
     n, k = weight.shape
@@ -73,10 +76,15 @@ def gptq_quantize(
     n_groups = k // group_size
     scales = torch.zeros(n, n_groups, dtype=torch.float64)
     zeros = torch.zeros(n, n_groups, dtype=torch.float64)
+    diag = torch.diag(h)
+
+    def importance(cols):
+        return diag[cols] if clip_search else None
+
     if act_order:  # static groups from the original weight
         for g in range(n_groups):
-            group = w[:, g * group_size : (g + 1) * group_size]
-            scales[:, g], zeros[:, g] = _fit(group, bits, scale_dtype)
+            cols = slice(g * group_size, (g + 1) * group_size)
+            scales[:, g], zeros[:, g] = _fit(w[:, cols], bits, scale_dtype, importance(cols))
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(k)
@@ -101,7 +109,8 @@ def gptq_quantize(
             if not act_order and col % group_size == 0:  # group starts: fit on updated weights
                 # columns of this group in the (unpermuted) order are i1+i .. i1+i+G-1
                 span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size]
-                scales[:, g], zeros[:, g] = _fit(span, bits, scale_dtype)
+                cols = slice(col, col + group_size)
+                scales[:, g], zeros[:, g] = _fit(span, bits, scale_dtype, importance(cols))
             q, w_hat = quantize_column(w1[:, i], scales[:, g], zeros[:, g], bits)
             q_out[:, i1 + i] = q
             e = (w1[:, i] - w_hat) / hinv1[i, i]
@@ -120,7 +129,33 @@ def gptq_quantize(
     )
 
 
-def _fit(w: torch.Tensor, bits: int, scale_dtype: torch.dtype):
-    """One group's (scale, zero) per row, as stored (``scale_dtype``), in float32."""
+#: range shrink factors tried per group by the ``clip_search`` fit (1.0: min/max)
+SHRINK_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def _fit(w: torch.Tensor, bits: int, scale_dtype: torch.dtype, importance=None):
+    """One group's (scale, zero) per row, as stored (``scale_dtype``), in float32.
+
+    Without ``importance``: min/max (``compute_qparams``). With ``importance [G]``
+    (the group's Hessian diagonal): per row, the range ``[lo, hi] * p`` for ``p`` in
+    ``SHRINK_GRID`` whose rounding error ``sum_k importance_k (w_k - ŵ_k)^2`` is
+    smallest (``p = 1`` is a candidate, so it never loses to min/max on that error).
+    """
     s, z = compute_qparams(w, bits, w.shape[1], scale_dtype)
-    return s.float().squeeze(1), z.float().squeeze(1)
+    s, z = s.double().squeeze(1), z.double().squeeze(1)
+    if importance is None:
+        return s.float(), z.float()
+    wd, qmax = w.double(), (1 << bits) - 1
+    imp = importance.double().clamp_min(0).unsqueeze(0)
+    lo0, hi0 = wd.amin(dim=1).clamp(max=0.0), wd.amax(dim=1).clamp(min=0.0)
+    best = torch.full_like(s, float("inf"))
+    for p in SHRINK_GRID:
+        lo, hi = lo0 * p, hi0 * p
+        sp, zp = compute_qparams(torch.stack([lo, hi], 1), bits, 2, scale_dtype)
+        sp, zp = sp.double().squeeze(1), zp.double().squeeze(1)
+        q = torch.clamp(torch.round(wd / sp[:, None]) + zp[:, None], 0, qmax)
+        err = (imp * ((q - zp[:, None]) * sp[:, None] - wd).pow(2)).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        s, z = torch.where(better, sp, s), torch.where(better, zp, z)
+    return s.float(), z.float()

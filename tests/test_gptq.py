@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.gptq import gptq_quantize, reconstruction_error
+from qcompile.gptq import _fit, gptq_quantize, reconstruction_error
 from qcompile.kernels.weight_only_reference import dequantize_groupwise, quantize_groupwise
 from qcompile.passes.quantize_weight_only import gptq_or_rtn
 
@@ -26,9 +26,12 @@ def correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
     groups=st.integers(1, 4),
     n=st.integers(1, 24),
     act_order=st.booleans(),
+    clip_search=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_gptq_never_worse_than_rtn_on_calibration_error(bits, group, groups, n, act_order, seed):
+def test_gptq_never_worse_than_rtn_on_calibration_error(
+    bits, group, groups, n, act_order, clip_search, seed
+):
     """What the pass keeps (``gptq_or_rtn``) never has a larger calibration
     reconstruction error than RTN; raw GPTQ alone can lose on tiny layers (one row,
     2 bits), which is why the pass compares the two."""
@@ -36,18 +39,52 @@ def test_gptq_never_worse_than_rtn_on_calibration_error(bits, group, groups, n, 
     x = correlated_inputs(4 * k, k, seed).double()
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
     h = x.t() @ x
-    gopts = {"act_order": act_order, "damp": 0.01, "block_size": 128}
+    gopts = {"act_order": act_order, "damp": 0.01, "block_size": 128, "clip_search": clip_search}
     q, s, z, method = gptq_or_rtn(w, h, bits, group, torch.float32, gopts)
     chosen = reconstruction_error(w, dequantize_groupwise(q, s, z, group, dtype=torch.float64), h)
     rq, rs, rz = quantize_groupwise(w, bits, group)
     rtn = reconstruction_error(w, dequantize_groupwise(rq, rs, rz, group, dtype=torch.float64), h)
     assert chosen <= rtn
     assert q.dtype == torch.uint8 and int(q.max()) < 2**bits
-    raw = gptq_quantize(w, h, bits, group, act_order=act_order)
+    raw = gptq_quantize(w, h, bits, group, act_order=act_order, clip_search=clip_search)
     assert (method == "gptq") == (raw.error <= rtn)
     # the reported error is the error of the returned codes and parameters
     deq = dequantize_groupwise(raw.q, raw.scales, raw.zeros, group, dtype=torch.float64)
     assert raw.error == pytest.approx(reconstruction_error(w, deq, h), rel=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    n=st.integers(1, 8),
+    size=st.integers(1, 40),
+    seed=st.integers(0, 10_000),
+)
+def test_clip_search_fit_never_loses_to_min_max_on_its_weighted_error(bits, n, size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, size, generator=gen) * torch.rand(n, 1, generator=gen) * 3
+    w[:, 0] *= 8  # an outlier column: where shrinking the range pays
+    importance = torch.rand(size, generator=gen, dtype=torch.float64)
+
+    def weighted_error(s, z):
+        q = torch.clamp(torch.round(w.double() / s.double()[:, None]) + z.double()[:, None], 0,
+                        2**bits - 1)  # fmt: skip
+        deq = (q - z.double()[:, None]) * s.double()[:, None]
+        return (importance * (deq - w.double()).pow(2)).sum(dim=1)
+
+    searched = weighted_error(*_fit(w, bits, torch.float32, importance))
+    min_max = weighted_error(*_fit(w, bits, torch.float32))
+    assert bool((searched <= min_max * (1 + 1e-12)).all())
+
+
+def test_clip_search_helps_gptq_on_heavy_tailed_weights():
+    x = correlated_inputs(512, 128, 3).double()
+    torch.manual_seed(4)
+    w = torch.distributions.StudentT(2.0).sample((64, 128))  # heavy tails: min/max wastes levels
+    h = x.t() @ x
+    plain = gptq_quantize(w, h, 4, 32, act_order=True).error
+    searched = gptq_quantize(w, h, 4, 32, act_order=True, clip_search=True).error
+    assert searched < 0.99 * plain, (searched, plain)
 
 
 def test_gptq_clearly_beats_rtn_at_3_bits_on_correlated_inputs():
