@@ -40,6 +40,7 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels import cpu_int8, cpu_weight_only, lowbit_act
 from qcompile.kernels.cpu_weight_only import prepack_cpu
@@ -81,7 +82,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
         if node.op != "call_function":
             continue
         if node.target is torch.ops.lowbit.dequant_linear.default and ctx.target == "cpu":
-            lower_dequant_linear_cpu(gm, node)
+            lower_dequant_linear_cpu(gm, node, ctx)
             lowered += 1
         elif node.target in table:
             node.target = table[node.target]
@@ -221,22 +222,31 @@ def _to_int4_linear(gm: fx.GraphModule, lin: fx.Node, packed: dict) -> None:
         drop_constant(gm, w_node)
 
 
-def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node) -> None:
+def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """Prepack a weight-only site for ``cpu_weight_only.dequant_linear_cpu``.
 
     The packed codes are unpacked once here and re-laid out for oneDNN's int4
-    kernel (decode) and the dequantize + bf16 GEMM path (prefill); the generic
-    packed constants are dropped when nothing else reads them.
+    kernel (decode) and the dequantize + bf16 GEMM path (prefill), once per weight
+    (kept beside its stored products, ``Artifact.derived``, so every graph of the
+    model shares one copy); the generic packed constants are dropped when nothing
+    else reads them.
     """
     x, packed, scales, zeros, bias, bits, group = node.args
     tensors = {n: getattr(gm, n.target) for n in (packed, scales, zeros)}
     k = x.meta["example_value"].shape[-1] if "example_value" in x.meta else None
     n_out = tensors[scales].shape[0]
     k = k or tensors[scales].shape[1] * group
-    codes = unpack(tensors[packed], bits, k)
     out_val = node.meta.get("example_value")
     act_dtype = out_val.dtype if out_val is not None else tensors[scales].dtype
-    prepacked = prepack_cpu(codes, tensors[scales], tensors[zeros], bits, group, act_dtype)
+    site = ctx.site_of(node)
+    art = artifacts.holding(site.weight, tensors[packed]) if site is not None else None
+    cache_key = ("cpu", bits, group, str(act_dtype))
+    prepacked = art.derived.get(cache_key) if art is not None else None
+    if prepacked is None:  # once per weight: prefill and decode graphs share the layout
+        codes = unpack(tensors[packed], bits, k)
+        prepacked = prepack_cpu(codes, tensors[scales], tensors[zeros], bits, group, act_dtype)
+        if art is not None:
+            art.derived[cache_key] = prepacked
     site = node.meta.get("lowbit.site", f"site{n_out}")
     args = {
         name: add_constant(gm, f"lowbit_{site}_cpu_{name}", t, node)

@@ -87,6 +87,9 @@ class Artifact:
     sites: dict[str, int] = field(default_factory=dict)  # site fqn -> last use (clock)
     released: bool = False  # its weight was replaced by a placeholder (free_weights, load)
     fp_needed: bool = False  # a graph still reads the fp weight besides the quantized site
+    # layouts computed from ``tensors`` by the lowering (e.g. the CPU int4 prepack), per
+    # target and dtype: shared by every graph of the weight, never saved
+    derived: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -327,6 +330,15 @@ def register(param: torch.Tensor, art: Artifact) -> None:
     )
     for old in unpinned[:-MAX_UNPINNED_PER_WEIGHT]:
         del arts[key_str(old.key)]
+
+
+def holding(param: torch.Tensor, tensor: torch.Tensor) -> Artifact | None:
+    """The artifact of ``param`` one of whose tensors shares ``tensor``'s storage."""
+    ptr = tensor.untyped_storage().data_ptr()
+    for art in artifacts_of(param):
+        if any(t.untyped_storage().data_ptr() == ptr for t in art.tensors.values()):
+            return art
+    return None
 
 
 def artifacts_of(param: torch.Tensor) -> list[Artifact]:

@@ -81,3 +81,36 @@ def test_recompile_limit_is_reported_loudly(caplog):
     loud = [w for w in caught if issubclass(w.category, qcompile.LowbitRecompileWarning)]
     assert loud and "ORIGINAL full-precision weights" in str(loud[0].message)
     assert any("recompile limit" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_cpu_int4_prepack_is_shared_by_every_graph_of_a_weight():
+    """Prefill and decode graphs (here: two static shapes) hold one prepacked copy."""
+    from qcompile.backend import lowbit_backend
+
+    model = tiny_llama(hidden=64)
+    calibration = qcompile.calibrate(model, [torch.randint(0, 96, (1, 16))])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        overrides = {"*.down_proj": "fp"}  # in_features 72: no group size divides it
+        opts = {"recipe": "w4a16-g32", "calibration": calibration, "overrides": overrides}
+        opts["handoff"] = "eager"
+        compiled = lowbit_backend(gm, example_inputs, options=opts)
+        graphs.append(gm)
+        return compiled
+
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        fast(torch.randint(0, 96, (1, 7)))
+        fast(torch.randint(0, 96, (1, 3)))
+
+    def prepacked(gm):
+        return sorted(
+            b.untyped_storage().data_ptr() for name, b in gm.named_buffers() if "_cpu_w4" in name
+        )
+
+    assert len(graphs) == 2
+    first, second = prepacked(graphs[0]), prepacked(graphs[1])
+    assert len(set(first)) == 5  # q, k, v, o, lm_head (gate/up: N=72, the exact path)
+    assert first == second
