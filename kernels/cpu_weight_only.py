@@ -185,6 +185,27 @@ def _pack_int4_checked(codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return w4, ok
 
 
+def group_shift(w4: torch.Tensor, codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The per-group shift ``c`` (int8 ``[N, K/G]``) ``prepack_cpu`` added to ``codes``
+    to make its ``w4`` (a verified layout: no ``codes`` key in its output)."""
+    n, k = codes.shape
+    d = _int4unpack(w4, n, k).to(torch.int16) - codes.to(torch.int16)
+    d = d.reshape(n, k // group_size, group_size)
+    shift = d[..., 0]
+    if not torch.equal(d, shift.unsqueeze(-1).expand_as(d)):
+        raise ValueError("w4 does not hold these codes shifted by a constant per group")
+    return shift.to(torch.int8)
+
+
+def restore_codes(w4: torch.Tensor, shift: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of the prepack for a verified layout: the original codes (uint8 ``[N, K]``)
+    from ``w4`` and ``group_shift``'s result."""
+    n, ng = shift.shape
+    k = ng * group_size
+    q = _int4unpack(w4, n, k).to(torch.int16).reshape(n, ng, group_size)
+    return (q - shift.to(torch.int16).unsqueeze(-1)).reshape(n, k).to(torch.uint8)
+
+
 def _scale_zero(s: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
     """[N, K/G] scale and offset -> torch's ``qScaleAndZeros`` bf16 [K/G, N, 2]."""
     return torch.stack((s.t(), zf.t()), dim=-1).to(torch.bfloat16).contiguous()

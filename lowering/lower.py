@@ -36,6 +36,7 @@ Returns the number of nodes lowered (merged duplicates included).
 from __future__ import annotations
 
 import operator
+from functools import partial
 
 import torch
 from torch import fx
@@ -44,7 +45,7 @@ from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels import cpu_int8, cpu_weight_only, lowbit_act
 from qcompile.kernels.cpu_weight_only import prepack_cpu
-from qcompile.kernels.packing import unpack
+from qcompile.kernels.packing import pack, unpack
 from qcompile.passes._folding import drop_constant
 
 
@@ -222,6 +223,10 @@ def _to_int4_linear(gm: fx.GraphModule, lin: fx.Node, packed: dict) -> None:
         drop_constant(gm, w_node)
 
 
+def _packed_from_cpu(w4, shift, bits: int, group: int) -> dict[str, torch.Tensor]:
+    return {"packed": pack(cpu_weight_only.restore_codes(w4, shift, group), bits)}
+
+
 def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """Prepack a weight-only site for ``cpu_weight_only.dequant_linear_cpu``.
 
@@ -239,7 +244,7 @@ def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext
     out_val = node.meta.get("example_value")
     act_dtype = out_val.dtype if out_val is not None else tensors[scales].dtype
     site = ctx.site_of(node)
-    art = artifacts.holding(site.weight, tensors[packed]) if site is not None else None
+    art = artifacts.holding(site.weight, tensors[scales]) if site is not None else None
     cache_key = ("cpu", bits, group, str(act_dtype))
     prepacked = art.derived.get(cache_key) if art is not None else None
     if prepacked is None:  # once per weight: prefill and decode graphs share the layout
@@ -247,6 +252,12 @@ def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext
         prepacked = prepack_cpu(codes, tensors[scales], tensors[zeros], bits, group, act_dtype)
         if art is not None:
             art.derived[cache_key] = prepacked
+            if "w4" in prepacked and "codes" not in prepacked and art.rebuild is None:
+                # the layout holds the codes exactly: the generic packed copy can be
+                # dropped when the fp weight is released (artifacts.compact)
+                shift = cpu_weight_only.group_shift(prepacked["w4"], codes, group)
+                art.derived[("cpu-shift", *cache_key)] = {"shift": shift}
+                art.rebuild = partial(_packed_from_cpu, prepacked["w4"], shift, bits, group)
     site = node.meta.get("lowbit.site", f"site{n_out}")
     args = {
         name: add_constant(gm, f"lowbit_{site}_cpu_{name}", t, node)

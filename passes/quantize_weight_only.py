@@ -54,7 +54,8 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
         deps = weakref.ref(stats) if stats is not None else None  # GPTQ: this calibration
         art = site.artifact or artifacts.lookup(site, ctx, deps=stats)
         if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
-            packed, scales, zeros = (art.tensors[k] for k in ("packed", "scales", "zeros"))
+            stored = artifacts.products(art)  # compacted codes are rebuilt for the graph
+            packed, scales, zeros = (stored[k] for k in ("packed", "scales", "zeros"))
             site.weight_sqnr_db, method = art.meta.get("weight_sqnr_db"), art.meta["method"]
         else:
             q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)

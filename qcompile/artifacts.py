@@ -90,6 +90,10 @@ class Artifact:
     # layouts computed from ``tensors`` by the lowering (e.g. the CPU int4 prepack), per
     # target and dtype: shared by every graph of the weight, never saved
     derived: dict = field(default_factory=dict)
+    # () -> the products ``compact`` may drop, rebuilt from ``derived`` (set by the lowering
+    # when its layout holds them exactly)
+    rebuild: Any = None
+    compacted: bool = False  # ``tensors`` lacks what ``rebuild`` returns
 
     @property
     def kind(self) -> str:
@@ -332,6 +336,24 @@ def register(param: torch.Tensor, art: Artifact) -> None:
         del arts[key_str(old.key)]
 
 
+def products(art: Artifact) -> dict[str, torch.Tensor]:
+    """Every product of ``art``; those ``compact`` dropped are rebuilt (a transient copy)."""
+    return {**art.tensors, **art.rebuild()} if art.compacted else art.tensors
+
+
+def compact(art: Artifact) -> int:
+    """Drop the products ``art.rebuild`` can recreate (the generic packed codes, once the
+    CPU int4 layout holds them); returns the bytes dropped."""
+    if art.rebuild is None or art.compacted:
+        return 0
+    dropped = art.rebuild().keys()
+    size = sum(nbytes(art.tensors[k]) for k in dropped if k in art.tensors)
+    for k in dropped:
+        art.tensors.pop(k, None)
+    art.compacted = True
+    return size
+
+
 def holding(param: torch.Tensor, tensor: torch.Tensor) -> Artifact | None:
     """The artifact of ``param`` one of whose tensors shares ``tensor``'s storage."""
     ptr = tensor.untyped_storage().data_ptr()
@@ -432,12 +454,16 @@ def guard_eager_calls(module: torch.nn.Module, name: str = "") -> None:
 
 def free_weight(param: torch.nn.Parameter, owners) -> int:
     """Release ``param``'s storage in place and guard its ``(name, nn.Linear)`` owners;
-    returns the bytes released (0 if it was already)."""
+    returns the bytes released (0 if it was already). Its stored products that the
+    target's layout holds exactly are compacted (``compact``)."""
     if is_freed(param):
         return 0
     size = nbytes(param)
+    embedding = any(isinstance(mod, torch.nn.Embedding) for _, mod in owners)
     for art in (REGISTRY.get(param) or {}).values():
         art.pinned = art.released = True  # reused from now on without calibration
+        if not embedding:  # an embedding's lookups read the generic packed codes
+            compact(art)
     param.data = placeholder(param.shape, param.dtype, param.device)
     for name, mod in owners:
         guard_eager_calls(mod, name)

@@ -298,7 +298,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
                 "sites": sorted(art.sites),
                 "tensors": {
                     role: put(f"q/{g.name}/{i}/{role}", t, share=True)
-                    for role, t in sorted(art.tensors.items())
+                    for role, t in sorted(artifacts.products(art).items())
                 },
             }
             for i, art in enumerate(arts)

@@ -280,3 +280,34 @@ def test_duquant_after_free_weights_needs_no_calibration_and_checks_options(
         with pytest.raises(Exception, match="was released") as ei:
             compiled(model, {**no_calibration, **other}, ids)
         assert isinstance(getattr(ei.value, "inner_exception", ei.value), ValueError)
+
+
+def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(tmp_path):
+    """Released w4 weights keep one copy of their codes (the CPU int4 layout); the
+    generic packed codes are rebuilt when a graph or qcompile.save needs them."""
+    spec = TinySpec(hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=128, tied=False)
+    model = build_model(spec)
+    ids = input_ids(spec, batch=1, seq=8)
+    calibration = qcompile.calibrate(model, [ids])
+    opts = {"recipe": "w4a16-g32", "calibration": calibration, "handoff": "eager"}
+    (ref,) = reference_logits(model, opts, ids)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
+    with torch.no_grad():
+        outs = [fast(ids).logits for _ in range(2)]  # the second call recompiles
+    assert all(torch.equal(o, ref) for o in outs)
+    up = model.model.layers[0].mlp.up_proj.weight
+    (art,) = artifacts.artifacts_of(up)
+    assert art.compacted and "packed" not in art.tensors
+    cpu_layout = next(v for k, v in art.derived.items() if k[0] == "cpu")
+    assert set(cpu_layout) == {"w4", "sz"}
+    rebuilt = artifacts.products(art)["packed"]
+    assert rebuilt.dtype == torch.int32 and rebuilt.shape[0] == up.shape[0]
+
+    path = tmp_path / "w4.safetensors"
+    qcompile.save(model, path)
+    twin = qcompile.load(path, build_model(TinySpec(**{**spec.__dict__, "seed": 5})))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        again = torch.compile(twin, backend="lowbit", options={"recipe": "w4a16-g32"})(ids)
+    assert torch.equal(again.logits, ref)
