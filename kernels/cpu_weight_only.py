@@ -206,6 +206,11 @@ def restore_codes(w4: torch.Tensor, shift: torch.Tensor, group_size: int) -> tor
     return (q - shift.to(torch.int16).unsqueeze(-1)).reshape(n, k).to(torch.uint8)
 
 
+def restore_codes8(w4_hi: torch.Tensor, w4_lo: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The 8-bit codes ``16 h + l`` from the two verified int4 layouts of ``prepack_cpu``."""
+    return (_int4unpack(w4_hi, n, k) << 4) | _int4unpack(w4_lo, n, k)
+
+
 def _scale_zero(s: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
     """[N, K/G] scale and offset -> torch's ``qScaleAndZeros`` bf16 [K/G, N, 2]."""
     return torch.stack((s.t(), zf.t()), dim=-1).to(torch.bfloat16).contiguous()

@@ -227,6 +227,10 @@ def _packed_from_cpu(w4, shift, bits: int, group: int) -> dict[str, torch.Tensor
     return {"packed": pack(cpu_weight_only.restore_codes(w4, shift, group), bits)}
 
 
+def _packed_from_cpu8(w4_hi, w4_lo, n: int, k: int) -> dict[str, torch.Tensor]:
+    return {"packed": pack(cpu_weight_only.restore_codes8(w4_hi, w4_lo, n, k), 8)}
+
+
 def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """Prepack a weight-only site for ``cpu_weight_only.dequant_linear_cpu``.
 
@@ -258,6 +262,9 @@ def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext
                 shift = cpu_weight_only.group_shift(prepacked["w4"], codes, group)
                 art.derived[("cpu-shift", *cache_key)] = {"shift": shift}
                 art.rebuild = partial(_packed_from_cpu, prepacked["w4"], shift, bits, group)
+            elif "w4_hi" in prepacked and "codes" not in prepacked and art.rebuild is None:
+                hi, lo = prepacked["w4_hi"], prepacked["w4_lo"]
+                art.rebuild = partial(_packed_from_cpu8, hi, lo, n_out, k)
     site = node.meta.get("lowbit.site", f"site{n_out}")
     args = {
         name: add_constant(gm, f"lowbit_{site}_cpu_{name}", t, node)

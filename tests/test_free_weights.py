@@ -282,14 +282,16 @@ def test_duquant_after_free_weights_needs_no_calibration_and_checks_options(
         assert isinstance(getattr(ei.value, "inner_exception", ei.value), ValueError)
 
 
-def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(tmp_path, bits):
     """Released w4 weights keep one copy of their codes (the CPU int4 layout); the
     generic packed codes are rebuilt when a graph or qcompile.save needs them."""
     spec = TinySpec(hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=128, tied=False)
     model = build_model(spec)
     ids = input_ids(spec, batch=1, seq=8)
     calibration = qcompile.calibrate(model, [ids])
-    opts = {"recipe": "w4a16-g32", "calibration": calibration, "handoff": "eager"}
+    recipe = f"w{bits}a16-g32"
+    opts = {"recipe": recipe, "calibration": calibration, "handoff": "eager"}
     (ref,) = reference_logits(model, opts, ids)
     torch._dynamo.reset()
     fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
@@ -300,7 +302,9 @@ def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(tmp_pa
     (art,) = artifacts.artifacts_of(up)
     assert art.compacted and "packed" not in art.tensors
     cpu_layout = next(v for k, v in art.derived.items() if k[0] == "cpu")
-    assert set(cpu_layout) == {"w4", "sz"}
+    assert set(cpu_layout) == (
+        {"w4", "sz"} if bits == 4 else {"w4_hi", "w4_lo", "sz_hi", "sz_lo", "zs"}
+    )
     rebuilt = artifacts.products(art)["packed"]
     assert rebuilt.dtype == torch.int32 and rebuilt.shape[0] == up.shape[0]
 
@@ -309,5 +313,5 @@ def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(tmp_pa
     twin = qcompile.load(path, build_model(TinySpec(**{**spec.__dict__, "seed": 5})))
     torch._dynamo.reset()
     with torch.no_grad():
-        again = torch.compile(twin, backend="lowbit", options={"recipe": "w4a16-g32"})(ids)
+        again = torch.compile(twin, backend="lowbit", options={"recipe": recipe})(ids)
     assert torch.equal(again.logits, ref)
