@@ -23,7 +23,7 @@ rows are marked ``(Q4_1 grid)``. Every linear is quantized, lm_head included (it
 weight is tied to the embedding, whose lookups then read the same codes).
 
     .venv/bin/python benchmarks/bench_weight_only.py [--bits 4 3] [--groups 64] \\
-        [--methods rtn gptq] [--latency w4a16-g64 w8a16-g64] [--calib-batches 32]
+        [--methods rtn gptq] [--latency w4a16-g64 w8a16-g64] [--calib-batches 64]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--latency", nargs="*", default=["w4a16-g64", "w8a16-g64"])
     ap.add_argument("--no-latency", action="store_true", help="skip the latency table")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--calib-batches", type=int, default=32)
+    ap.add_argument("--calib-batches", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 

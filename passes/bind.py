@@ -8,6 +8,9 @@ positional ``(input, weight, bias)`` arguments, which does not change what it co
     weight has one placeholder and one FQN);
   * ``ctx.sites`` lists every ``F.linear`` call; a site whose weight is not a
     bound floating-point parameter is recorded with a ``skip_reason``;
+  * a site whose weight is also an embedding table (tied lm_head) takes
+    ``recipes.tied_embedding_recipe`` of the model-wide recipe unless an override
+    names it (weight-only below 8 bits: 8 bits), noted in ``ctx.embeddings``;
   * each linear node carries ``meta["lowbit.site"]`` = the site FQN (the weight
     as the calling module names it: ``lm_head.weight`` even when tied);
   * ``ctx.dataflow`` is a networkx DiGraph over node names (edges producer ->
@@ -24,6 +27,7 @@ import torch
 from torch import fx
 
 from qcompile.context import LinearSite, PassContext, fqn_from_source, module_fqn_from_stack
+from qcompile.recipes import tied_embedding_recipe
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -60,6 +64,14 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
             bias=bias,
             scheme=scheme_for(fqn, ctx.options),
         )
+        tied = tied_embedding_recipe(ctx.options.recipe)
+        if tied and site.scheme == ctx.options.recipe and _feeds_embedding(weight_node):
+            if not _overridden(fqn, ctx.options):
+                site.scheme = tied
+                ctx.embeddings.append(
+                    f"{fqn} is tied to an embedding: {tied} (the {ctx.options.recipe!r} rule "
+                    f"for tied weights; an override naming {site.module_fqn!r} changes it)"
+                )
         if bias_node is not None and bias is None:
             site.skip_reason = "bias is computed, not a parameter"
         elif not site.weight.is_floating_point() or site.weight.dim() != 2:
@@ -87,6 +99,20 @@ def _site_fqn(node: fx.Node, param_fqn: str) -> str:
         if isinstance(cls, type) and issubclass(cls, torch.nn.Linear) and path:
             return f"{path}.weight"
     return param_fqn
+
+
+def _feeds_embedding(weight_node) -> bool:
+    return any(
+        u.op == "call_function" and u.target is torch.nn.functional.embedding
+        for u in getattr(weight_node, "users", ())
+    )
+
+
+def _overridden(fqn: str, options) -> bool:
+    module = fqn.rsplit(".", 1)[0]
+    return any(
+        fnmatch.fnmatchcase(fqn, p) or fnmatch.fnmatchcase(module, p) for p in options.overrides
+    )
 
 
 def scheme_for(fqn: str, options) -> str:

@@ -105,3 +105,16 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(
             f"unknown lowbit recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}"
         ) from None
+
+
+def tied_embedding_recipe(name: str) -> str | None:
+    """The recipe for a linear whose weight is also an embedding table (a tied lm_head)
+    when the model-wide recipe is ``name`` and no override names the site: weight-only
+    recipes below 8 bits keep it at 8 bits with the same group size and method, since
+    its codes then serve both the logits and every input embedding (as llama.cpp keeps
+    the output matrix at higher precision). On SmolLM2-135M, ``w4a16-g64-gptq``:
+    +5.2% perplexity with it at 8 bits, +7.0% with it at 4 bits. None: no change."""
+    recipe = RECIPES.get(name)
+    if recipe is None or not recipe.weight_only or recipe.weight_bits >= 8:
+        return None
+    return f"w8a16-g{recipe.group_size}" + ("-gptq" if recipe.gptq else "")

@@ -24,7 +24,8 @@ from qcompile.kernels.weight_only_reference import (
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 SPEC = TinySpec(hidden=64, heads=4, kv_heads=2, intermediate=64, vocab=96, tied=True)
-ONLY_HEAD = {"model.*": "fp"}  # lm_head (and so the tied table) is the only quantized weight
+# lm_head (and so the tied table) is the only quantized weight, at the recipe's 4 bits
+ONLY_HEAD = {"model.*": "fp", "lm_head": "w4a16-g32"}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -64,7 +65,7 @@ def test_tied_lookup_reads_the_quantized_weight():
     report = qcompile.compiled_reports()[-1]
     assert report.embeddings == [
         "model.embed_tokens.weight lookups read lm_head.weight's w4a16-g32 codes (tied)"
-    ]
+    ]  # the override names lm_head: no 8-bit rule
     assert "embedding: model.embed_tokens.weight lookups read" in report.summary()
     # the CPU lm_head runs bf16 activations: compare at that precision
     scale = want.abs().max()
@@ -98,3 +99,28 @@ def test_untied_embedding_is_left_alone():
     report = qcompile.compiled_reports()[-1]
     assert report.embeddings == []
     assert report.pass_rewrites.get("quantize_embedding") == 0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "head"),
+    [
+        ("w4a16-g32", {}, "w8a16-g32"),
+        ("w3a16-g32-gptq", {}, "w8a16-g32-gptq"),
+        ("w4a16-g32", {"lm_head": "w4a16-g32"}, "w4a16-g32"),
+        ("w8a16-g32", {}, "w8a16-g32"),
+        ("w8a8", {}, "w8a8"),
+    ],
+)
+def test_tied_weight_rule_keeps_a_low_bit_lm_head_at_8_bits(recipe, overrides, head):
+    model = build_model(SPEC)
+    ids = input_ids(SPEC, batch=1, seq=6)
+    calibration = qcompile.calibrate(model, [ids], hessian=True)
+    opts = {"recipe": recipe, "overrides": overrides, "calibration": calibration}
+    with torch.no_grad():
+        torch.compile(model, backend="lowbit", options={**opts, "handoff": "eager"})(ids)
+    report = qcompile.compiled_reports()[-1]
+    row = next(r for r in report.sites if r.fqn == "lm_head.weight")
+    assert row.scheme == head
+    assert all(r.scheme == recipe for r in report.sites if r.fqn != "lm_head.weight")
+    noted = any("is tied to an embedding" in line for line in report.embeddings)
+    assert noted == (head != recipe)
