@@ -9,7 +9,8 @@ with ``T`` orthogonal ``[K, K]`` built by :func:`build_plan` from the group's sa
 
 * ``"duquant"``: ``T = P0 @ R1 @ P @ R2`` (``qcompile.transforms.duquant_transform``'s
   composition of its building blocks, built block by block; see :func:`build_plan`):
-  ``R1``, ``R2`` block-diagonal greedy rotations (``options["duquant"]["block_size"]``;
+  ``R1``, ``R2`` block-diagonal greedy rotations (``options["duquant"]["block_size"]``,
+  ``"auto"``: ``options.duquant_block_size`` of the group's weight bits;
   a remainder block when it does not divide K, reported), ``P`` the zigzag
   permutation, the stage ``P @ R2`` kept only when it lowers the sample's per-token
   error at the recipe's activation bits. ``P0`` (only where ``fusion_analysis`` found a
@@ -45,6 +46,8 @@ from torch import fx
 
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels.lowbit_act import block_rotate  # also registers lowbit::block_rotate
+from qcompile.options import duquant_block_size
+from qcompile.recipes import get_recipe
 from qcompile.transforms import (
     greedy_block_rotation,
     hadamard_or_random,
@@ -116,7 +119,9 @@ def build_plan(g: InputGroup, opts) -> Plan:
     if g.transform == "hadamard":
         h, kind = hadamard_or_random(k, seed=seed)
         return Plan(r1=(h[None], None), notes=[f"{kind} {k}x{k} (online)"])
-    block, steps, permute = min(opts["block_size"], k), opts["steps"], opts["permute"]
+    w_bits = min(get_recipe(s.scheme).weight_bits or 16 for s in g.sites)
+    block = min(duquant_block_size(opts, w_bits), k)
+    steps, permute = opts["steps"], opts["permute"]
     x = g.sample if g.sample is not None else g.absmax[None, :]
     notes = []
     pre = None

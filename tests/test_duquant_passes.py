@@ -35,6 +35,7 @@ from qcompile.kernels.lowbit_act import (
     search_clip_ratios,
     split_blocks,
 )
+from qcompile.options import duquant_block_size
 from qcompile.passes import rotate as rotate_mod
 from qcompile.passes import smooth as smooth_mod
 from qcompile.passes.verify import LowbitVerifyError
@@ -70,10 +71,14 @@ def test_duquant_options_defaults_and_validation():
     assert set(opts.duquant) == {"block_size", "steps", "permute", "alpha", "clip_search"}
     assert opts.verify is False
     assert Options.parse({"duquant": {"block_size": 64, "alpha": 0}}).duquant["block_size"] == 64
+    assert opts.duquant["block_size"] == "auto"
+    assert duquant_block_size(opts.duquant, 4) == 64 and duquant_block_size(opts.duquant, 6) == 128
+    assert duquant_block_size({"block_size": 32}, 6) == 32
     with pytest.raises(ValueError, match="alpha.*block_size.*clip_search.*permute.*steps"):
         Options.parse({"duquant": {"rotation": 1}})
     for bad in (
         {"block_size": 0},
+        {"block_size": "big"},
         {"steps": -1},
         {"permute": 1},
         {"alpha": 1.5},
