@@ -19,11 +19,13 @@ SmolLM2's hidden size is 576, which 128 does not divide: "g128" rows use 128
 where it divides (down_proj, in_features 1536) and 64 elsewhere, via per-site
 overrides, and are marked ``g128*``. Its weights come from a Q4_1 GGUF (4-bit
 blocks of 32), so g32 at 4 bits matches the source grid and flatters 4-bit: those
-rows are marked ``(Q4_1 grid)``. Every linear is quantized, lm_head included (its
-weight is tied to the embedding, whose lookups then read the same codes).
+rows are marked ``(Q4_1 grid)``. Every linear is quantized: lm_head's weight is
+tied to the embedding, so recipes below 8 bits keep it at 8 bits
+(``recipes.tied_embedding_recipe``) and the embedding lookups read its codes.
 
     .venv/bin/python benchmarks/bench_weight_only.py [--bits 4 3] [--groups 64] \\
-        [--methods rtn gptq] [--latency w4a16-g64 w8a16-g64] [--calib-batches 64]
+        [--methods rtn gptq] [--latency w4a16-g64 w8a16-g64] [--calib-batches 64] \\
+        [--calibration cal64.lowbit] [--no-latency]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import copy
 import gc
 import itertools
+import os
 import time
 
 import torch
@@ -134,13 +137,15 @@ def torchao_int8_weight_only(model):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    ap.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3, 2])
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     ap.add_argument("--latency", nargs="*", default=["w4a16-g64", "w8a16-g64"])
     ap.add_argument("--no-latency", action="store_true", help="skip the latency table")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calib-batches", type=int, default=64)
+    ap.add_argument("--calibration", help="calibration file: loaded if it exists, else "
+                    "computed and saved there (reuse across runs)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
@@ -148,12 +153,19 @@ def main() -> None:
     tokens = dev_tokens(tok, args.tokens)
     fp_bytes = resident_bytes(model)
     t0 = time.perf_counter()
-    calibration = qcompile.calibrate(
-        model,
-        calibration_batches(tok, n_batches=args.calib_batches, seq_len=512),
-        hessian="gptq" in args.methods,
-    )
-    print(f"calibration ({args.calib_batches} x 512 tokens): {time.perf_counter() - t0:.1f} s; "
+    if args.calibration and os.path.exists(args.calibration):
+        calibration = qcompile.Calibration.load(args.calibration)
+        source = args.calibration
+    else:
+        calibration = qcompile.calibrate(
+            model,
+            calibration_batches(tok, n_batches=args.calib_batches, seq_len=512),
+            hessian="gptq" in args.methods,
+        )
+        source = f"{args.calib_batches} x 512 tokens"
+        if args.calibration:
+            calibration.save(args.calibration)
+    print(f"calibration ({source}): {time.perf_counter() - t0:.1f} s; "
           f"threads {torch.get_num_threads()}", flush=True)  # fmt: skip
 
     fp_ppl = perplexity(model, tokens, batch_size=4)
