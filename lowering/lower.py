@@ -8,7 +8,8 @@ Postcondition:
   * target ``cpu``: ``quantize_rows`` / ``int8_linear`` become the aten-level functions
     of ``qcompile.kernels.cpu_int8`` (oneDNN ``_int_mm``; inductor fuses the rest);
     ``quantize_rows_bits`` and ``block_rotate`` their aten functions in
-    ``qcompile.kernels.lowbit_act``; the dynamic op stays a custom op (data-dependent
+    ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
+    runs the permutation as a row gather); the dynamic op stays a custom op (data-dependent
     columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
     kernel (bf16 activations inside);
@@ -56,7 +57,7 @@ def lowering_table(target: str) -> dict:
             lowbit.quantize_rows.default: cpu_int8.quantize_rows,
             lowbit.int8_linear.default: cpu_int8.int8_linear,
             lowbit.quantize_rows_bits.default: lowbit_act.quantize_rows_bits,  # W4A4, W6A6, ...
-            lowbit.block_rotate.default: lowbit_act.block_rotate,  # DuQuant / Hadamard online
+            lowbit.block_rotate.default: lowbit_act.block_rotate_cpu,  # DuQuant / Hadamard online
         }
     if target == "triton":
         from qcompile.kernels import triton_int8
