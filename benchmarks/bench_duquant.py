@@ -46,8 +46,7 @@ import statistics
 import time
 
 import torch
-from bench_int8 import median_ms  # noqa: E402  (same folder)
-from transformers import DynamicCache
+from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import artifacts
@@ -76,26 +75,6 @@ def options_of(recipe: str, duquant: dict, calibration, handoff: str) -> dict:
     if duquant:
         opts["duquant"] = duquant
     return opts
-
-
-@torch.no_grad()
-def latency(model, fwd, prompt512, repeats: int) -> dict:
-    """Prefill (1 x 512) and decode (1 token after a 256-token cache) medians, in ms."""
-    t0 = time.perf_counter()
-    fwd(prompt512)  # compiles the prefill graph
-    first_call = time.perf_counter() - t0
-    prefill = median_ms(lambda: fwd(prompt512), repeats)
-    # The cache's values do not change the decode cost, only its length: fill it with
-    # the eager model (no 256-token prefill graph to compile).
-    cache = DynamicCache(config=model.config)
-    model(prompt512[:, :256], past_key_values=cache, use_cache=True)
-    tok = prompt512[:, 256:257]
-    t0 = time.perf_counter()
-    for _ in range(3):  # static, then dynamic-length decode graphs
-        fwd(tok, past_key_values=cache, use_cache=True)
-    first_call += time.perf_counter() - t0
-    decode = median_ms(lambda: fwd(tok, past_key_values=cache, use_cache=True), max(repeats, 10))
-    return {"prefill_ms": prefill, "decode_ms": decode, "compile_s": first_call}
 
 
 def measure_row(key, model, tokens, calibration, args) -> dict:

@@ -16,20 +16,12 @@ import statistics
 import time
 
 import torch
+from timing import median_ms  # noqa: E402  (same folder)
 from transformers import DynamicCache
 
 import qcompile
 from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 @torch.no_grad()

@@ -1,19 +1,20 @@
-"""lowbit weight-only benchmark on SmolLM2-135M: one process, two tables.
+"""lowbit weight-only benchmark on SmolLM2-135M: one process, one table.
 
-Quality table, one row per recipe ``w{bits}a16-g{group}`` with RTN and GPTQ:
-perplexity (2048 dev tokens, context 512), bits per weight of the quantized
-linears (scales and zero points included), resident weight memory and the
-lowbit passes' time (GPTQ included). Each row compiles a fresh copy of the model
-with ``free_weights=True`` and measures what the compiled model keeps: the
+Rows: fp32 eager; torchao's int8 weight-only quantization compiled with inductor
+(when torchao is installed: ``pip install -e .[bench]``); one row per recipe
+``w{bits}a16-g{group}`` with RTN and GPTQ. Columns: perplexity (2048 dev tokens,
+context 512), bits per weight of the quantized linears (scales and zero points
+included), resident weight memory, prefill (1 x 512) and decode (1 token after a
+256-token cache) latency with ratios to fp32 eager, and the lowbit passes' time
+(GPTQ included).
+
+Each lowbit row compiles a fresh copy of the model with ``free_weights=True``
+(eager handoff) for the perplexity and measures what the compiled model keeps: the
 storages of the model's parameters and buffers (released weights are one
 element), of the compiled graphs' constants and of lowbit's stored products
 (``qcompile.artifacts``, CPU prepacked layouts included), each storage counted
-once, against the fp32 model's parameters.
-
-Latency table (``--latency``): prefill (1 x 512) and decode (1 token after a
-256-token cache) with the inductor handoff, side by side with fp32 eager and,
-when torchao is installed (``pip install -e .[bench]``), torchao's int8
-weight-only quantization compiled with inductor.
+once, against the fp32 model's parameters. The same copy is then compiled again
+with the inductor handoff, onto its released weights, for the latencies.
 
 SmolLM2's hidden size is 576, which 128 does not divide: "g128" rows use 128
 where it divides (down_proj, in_features 1536) and 64 elsewhere, via per-site
@@ -24,8 +25,8 @@ tied to the embedding, so recipes below 8 bits keep it at 8 bits
 (``recipes.tied_embedding_recipe``) and the embedding lookups read its codes.
 
     .venv/bin/python benchmarks/bench_weight_only.py [--bits 4 3] [--groups 64] \\
-        [--methods rtn gptq] [--latency w4a16-g64 w8a16-g64] [--calib-batches 64] \\
-        [--calibration cal64.lowbit] [--no-latency]
+        [--methods rtn gptq] [--calib-batches 64] [--calibration cal64.lowbit] \\
+        [--no-latency] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import os
 import time
 
 import torch
-from bench_int8 import measure  # noqa: E402  (same folder)
+from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import artifacts
@@ -92,8 +93,13 @@ def resident_bytes(model, graphs=()) -> int:
     return sum(storages.values())
 
 
-def quality_row(model, options, tokens, calibration) -> dict:
-    """Compile a copy with free_weights, measure perplexity, memory and pass time."""
+def measure_row(model, options, tokens, calibration, args) -> dict:
+    """Compile a copy with free_weights: perplexity, memory, pass time, then latency.
+
+    The copy is compiled twice: with the eager handoff for the perplexity (batch 4)
+    and the memory count, then, onto its released weights (the stored products are
+    reused, GPTQ does not run again), with the inductor handoff for the latencies.
+    """
     twin = copy.deepcopy(model)
     graphs = []
     opts = {**options, "calibration": calibration, "handoff": "eager", "free_weights": True}
@@ -120,6 +126,11 @@ def quality_row(model, options, tokens, calibration) -> dict:
         "gptq": sum(r.method == "gptq" for r in q),
         "sites": len(q),
     }
+    if not args.no_latency:
+        torch._dynamo.reset()
+        compiled = torch.compile(twin, backend="lowbit", options={**opts, "handoff": "inductor"})
+        row.update(latency(model, compiled, tokens[:, :512], args.repeats))
+        del compiled
     torch._dynamo.reset()  # the copy and its graphs go when this returns
     return row
 
@@ -135,13 +146,61 @@ def torchao_int8_weight_only(model):
     return twin
 
 
+def baseline_rows(model, tokens, fp_bytes, args) -> list[dict]:
+    """fp32 eager and (when installed) torchao int8 weight-only + inductor."""
+    rows = [{"name": "fp32 eager", "ppl": perplexity(model, tokens, batch_size=4),
+             "bpw": 32.0, "resident": fp_bytes}]  # fmt: skip
+    if not args.no_latency:
+        rows[0].update(latency(model, model, tokens[:, :512], args.repeats))
+    ao = torchao_int8_weight_only(model)
+    if ao is None:
+        print("torchao is not installed (pip install -e .[bench]): no torchao row")
+        return rows
+    torch._dynamo.reset()
+    compiled = torch.compile(ao)
+    row = {"name": "torchao int8 w-only", "ppl": perplexity(compiled, tokens, batch_size=4),
+           "resident": resident_bytes(ao)}  # fmt: skip
+    if not args.no_latency:
+        row.update(latency(model, compiled, tokens[:, :512], args.repeats))
+    rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
+def print_table(rows, fp_bytes, args) -> None:
+    base = rows[0]
+    head = (f"{'variant':<27} {'ppl':>10} {'Δppl':>8} {'bits/w':>6} {'resident MB':>11} "
+            f"{'x fp32':>6} {'prefill ms':>10} {'x fp':>5} {'decode ms':>9} {'x fp':>5} "
+            f"{'passes s':>8} {'gptq sites':>10}")  # fmt: skip
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        delta = "" if r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%"
+        bpw = f"{r['bpw']:.2f}" if "bpw" in r else ""
+        lat = ""
+        if "prefill_ms" in r:
+            lat = (f"{r['prefill_ms']:>10.1f} {base['prefill_ms'] / r['prefill_ms']:>5.2f} "
+                   f"{r['decode_ms']:>9.2f} {base['decode_ms'] / r['decode_ms']:>5.2f}")  # fmt: skip
+        else:
+            lat = f"{'':>10} {'':>5} {'':>9} {'':>5}"
+        passes = f"{r['pass_s']:.1f}" if "pass_s" in r else ""
+        gptq = f"{r['gptq']}/{r['sites']}" if "gptq" in r["name"] else ""
+        print(f"{r['name']:<27} {r['ppl']:>10.3f} {delta:>8} {bpw:>6} "
+              f"{r['resident'] / 1e6:>11.1f} {r['resident'] / fp_bytes:>6.1%} {lat} "
+              f"{passes:>8} {gptq:>10}")  # fmt: skip
+    print(f"\nperplexity: {args.tokens} tokens of pydoc_data.topics, context 512; resident: "
+          "storages the compiled model keeps after free_weights (see the module docstring); "
+          "prefill: 1 x 512 tokens, decode: 1 token after a 256-token cache, medians, inductor "
+          "handoff, ratios to fp32 eager in this run; passes: the lowbit passes of the first "
+          "compile (GPTQ included); gptq sites: sites where GPTQ beat RTN on the calibration "
+          "error.")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3, 2])
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
-    ap.add_argument("--latency", nargs="*", default=["w4a16-g64", "w8a16-g64"])
-    ap.add_argument("--no-latency", action="store_true", help="skip the latency table")
+    ap.add_argument("--no-latency", action="store_true", help="perplexity, memory, pass time")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calib-batches", type=int, default=64)
     ap.add_argument("--calibration", help="calibration file: loaded if it exists, else "
@@ -168,57 +227,18 @@ def main() -> None:
     print(f"calibration ({source}): {time.perf_counter() - t0:.1f} s; "
           f"threads {torch.get_num_threads()}", flush=True)  # fmt: skip
 
-    fp_ppl = perplexity(model, tokens, batch_size=4)
-    rows = []
+    rows = baseline_rows(model, tokens, fp_bytes, args)
     for bits, group, method in itertools.product(args.bits, args.groups, args.methods):
         gptq = method == "gptq"
-        row = quality_row(model, recipe_options(bits, group, gptq, model), tokens, calibration)
+        t0 = time.perf_counter()
+        row = measure_row(model, recipe_options(bits, group, gptq, model), tokens, calibration,
+                          args)  # fmt: skip
         gc.collect()
         row["name"] = label(bits, group, gptq)
         rows.append(row)
-        print(f"  {row['name']}: ppl {row['ppl']:.3f}", flush=True)
-
-    head = (f"{'recipe':<26} {'ppl':>9} {'Δppl':>8} {'bits/w':>7} {'resident MB':>12} "
-            f"{'x fp32':>7} {'passes s':>9} {'gptq sites':>11}")  # fmt: skip
-    print("\n" + head + "\n" + "-" * len(head))
-    print(f"{'fp32':<26} {fp_ppl:>9.3f} {'':>8} {32.0:>7.2f} {fp_bytes / 1e6:>12.1f} "
-          f"{'100%':>7} {'':>9} {'':>11}")  # fmt: skip
-    for r in rows:
-        gptq = f"{r['gptq']}/{r['sites']}" if "gptq" in r["name"] else ""
-        print(f"{r['name']:<26} {r['ppl']:>9.3f} {(r['ppl'] / fp_ppl - 1) * 100:>+7.1f}% "
-              f"{r['bpw']:>7.2f} {r['resident'] / 1e6:>12.1f} {r['resident'] / fp_bytes:>7.1%} "
-              f"{r['pass_s']:>9.1f} {gptq:>11}")  # fmt: skip
-    print("resident: storages the compiled model keeps after free_weights (see the module "
-          "docstring); gptq sites: sites where GPTQ beat RTN on the calibration error.")  # fmt: skip
-
-    if not args.no_latency:
-        prompt512 = tokens[:, :512]
-        lat = [measure("fp32 eager", model, model, tokens, prompt512, args.repeats)]
-        ao = torchao_int8_weight_only(model)
-        if ao is not None:
-            torch._dynamo.reset()
-            lat.append(measure("torchao int8 w-only", ao, torch.compile(ao), tokens, prompt512,
-                               args.repeats))  # fmt: skip
-            del ao
-        else:
-            print("torchao is not installed (pip install -e .[bench]): no torchao row")
-        for recipe in args.latency:
-            torch._dynamo.reset()
-            bits, group, gptq = parse_recipe(recipe)
-            options = recipe_options(bits, group, gptq, model)
-            compiled = torch.compile(
-                model, backend="lowbit", options={**options, "calibration": calibration}
-            )
-            lat.append(
-                measure(f"lowbit {recipe}", model, compiled, tokens, prompt512, args.repeats)
-            )
-        base = lat[0]
-        print(f"\n{'variant':<22} {'prefill ms':>10} {'x fp':>6} {'decode ms':>10} {'x fp':>6} "
-              f"{'ppl':>8}")  # fmt: skip
-        for r in lat:
-            print(f"{r['name']:<22} {r['prefill_ms']:>10.1f} "
-                  f"{base['prefill_ms'] / r['prefill_ms']:>6.2f} {r['decode_ms']:>10.2f} "
-                  f"{base['decode_ms'] / r['decode_ms']:>6.2f} {r['ppl']:>8.3f}")  # fmt: skip
+        print(f"  {row['name']}: ppl {row['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)  # fmt: skip
+    print_table(rows, fp_bytes, args)
 
 
 if __name__ == "__main__":
