@@ -75,6 +75,10 @@ def resident_bytes(model, graphs=()) -> int:
     storages = {}
 
     def add(t: torch.Tensor) -> None:
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao): its inner tensors
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
         s = t.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
 

@@ -88,13 +88,15 @@ class PassContext:
         return next((s for s in self.sites if s.fqn == fqn and s.node is node), None)
 
 
-_ROOT = re.compile(r"^L\['[^']+'\]")
+# ``L['self']``, or ``L['args'][0]`` when the module reaches the frame positionally
+# (a deep-copied Hugging Face model: its forward wrapper takes ``*args``)
+_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])?")
 
 
 def fqn_from_source(source_name: str) -> str | None:
     """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``.
 
-    The root local may have any name (``self``, ``fn`` for a compiled
+    The root local may have any name, and be indexed (``L['args'][0]``) (``self``, ``fn`` for a compiled
     ``nn.Sequential``, a forward whose receiver is not called ``self``).
     """
     root = _ROOT.match(source_name)

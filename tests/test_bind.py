@@ -5,6 +5,8 @@ on real dynamo graphs of random tiny Llama models. ``node.meta["grapharg"]`` is
 cleared once the backend returns, so every check runs inside a wrapper backend.
 """
 
+import copy
+
 import pytest
 import torch
 from helpers import TinySpec, build_model, input_ids, run_with_backend, tiny_specs
@@ -104,6 +106,19 @@ def test_fqns_equal_named_parameters(spec):
     backend, seen = bind_backend(checks=check_bind_matches_model(model))
     run_with_backend(model, input_ids(spec, batch=1, seq=5), backend)
     assert len(seen["ctx"]) == 1
+
+
+def test_deep_copied_model_binds_every_parameter():
+    # dynamo names a deep-copied HF model's parameters from L['args'][0], not L['self']
+    spec = TinySpec(tied=False)
+    model = copy.deepcopy(build_model(spec))
+    backend, seen = bind_backend(checks=check_bind_matches_model(model))
+    run_with_backend(model, input_ids(spec), backend)
+    (ctx,) = seen["ctx"]
+    assert not ctx.unsupported
+    assert {s.fqn for s in ctx.sites} == {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 @pytest.mark.parametrize("tied", [True, False])
