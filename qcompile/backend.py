@@ -80,8 +80,9 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
 
 
 def _frame_root(source_name: str):
-    """The module the graph's frame calls its parameters through (``L['self']``)."""
-    m = re.match(r"^L\['([^']+)'\]", source_name)
+    """The module the graph's frame calls its parameters through (``L['self']``, or
+    ``L['args'][0]`` for a deep-copied HF model)."""
+    m = re.match(r"^L\['([^']+)'\](?:\[(\d+)\])?", source_name)
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -90,6 +91,11 @@ def _frame_root(source_name: str):
     except Exception:  # not called by dynamo (e.g. a captured graph re-run in tests)
         return None
     root = f_locals.get(m.group(1)) if m else None
+    if root is not None and m.group(2) is not None:
+        try:
+            root = root[int(m.group(2))]
+        except (IndexError, KeyError, TypeError):
+            return None
     return root if isinstance(root, torch.nn.Module) else None
 
 

@@ -103,6 +103,22 @@ def test_outputs_unchanged_memory_released(model_and_data, recipe):
     assert 0 < reports[0].memory["quantized_bytes"]
 
 
+def test_deep_copied_model_releases_its_weights(model_and_data):
+    # dynamo reaches a deep-copied HF model's parameters through L['args'][0]
+    model, calibration, ids, _ = model_and_data
+    twin = copy.deepcopy(model)
+    before = resident_bytes(twin)
+    torch._dynamo.reset()
+    opts = options("w4a16-g32", calibration, free_weights=True)
+    fast = torch.compile(twin, backend="lowbit", options=opts)
+    with torch.no_grad():
+        fast(ids)
+    assert before - resident_bytes(twin) == LINEAR_BYTES - 8 * 4
+    assert all(
+        artifacts.is_freed(m.weight) for m in twin.modules() if isinstance(m, torch.nn.Linear)
+    )
+
+
 @pytest.mark.parametrize("recipe", ["w8a8", "w6a6-duquant"])
 def test_eager_call_of_a_released_layer_raises(model_and_data, recipe):
     model, calibration, ids, _ = model_and_data
