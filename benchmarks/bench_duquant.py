@@ -3,8 +3,11 @@
 Rows: fp32 eager; ``w8a8`` (the int8 baseline of the prefill comparison); the low-bit
 weight-activation recipes ``w6a6-rtn``, ``w6a6-duquant``, ``w4a8-duquant``,
 ``w4a4-rtn``, ``w4a4-hadamard``, ``w4a4-duquant``; and ablations of ``w4a4-duquant``
-through its ``duquant`` options:
+through its options:
 
+* ``fp32 online transforms``: ``cpu_transform_dtype="activation"``, the online block
+  products in fp32 instead of the default bf16 operands (the cost and the accuracy
+  of that default);
 * ``permute=False``: no zigzag permutations (neither ``P0`` nor ``P``). The second
   rotation ``R2`` only exists after ``P`` (``passes/rotate.py``), so this row is also
   "one rotation only": ``T = R1`` (smoothing kept);
@@ -54,7 +57,8 @@ from qcompile.backend import lowbit_backend
 from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
 
-#: row id -> (label, recipe or None for the fp32 model, extra options)
+#: row id -> (label, recipe or None for the fp32 model, backend options besides the
+#: recipe; "duquant" holds the ablations' sub-options)
 ROWS = {
     "fp32": ("fp32 eager", None, {}),
     "w8a8": ("w8a8", "w8a8", {}),
@@ -64,21 +68,23 @@ ROWS = {
     "w4a4-rtn": ("w4a4-rtn", "w4a4-rtn", {}),
     "w4a4-hadamard": ("w4a4-hadamard", "w4a4-hadamard", {}),
     "w4a4-duquant": ("w4a4-duquant", "w4a4-duquant", {}),
-    "no-permute": ("  permute=False (R1 only)", "w4a4-duquant", {"permute": False}),
-    "no-smooth": ("  alpha=0 (no smoothing)", "w4a4-duquant", {"alpha": 0.0}),
-    "steps1": ("  steps=1", "w4a4-duquant", {"steps": 1}),
+    "fp32-transforms": (
+        "  fp32 online transforms",
+        "w4a4-duquant",
+        {"cpu_transform_dtype": "activation"},
+    ),
+    "no-permute": ("  permute=False (R1 only)", "w4a4-duquant", {"duquant": {"permute": False}}),
+    "no-smooth": ("  alpha=0 (no smoothing)", "w4a4-duquant", {"duquant": {"alpha": 0.0}}),
+    "steps1": ("  steps=1", "w4a4-duquant", {"duquant": {"steps": 1}}),
 }
 
 
-def options_of(recipe: str, duquant: dict, calibration, handoff: str) -> dict:
-    opts = {"recipe": recipe, "calibration": calibration, "handoff": handoff}
-    if duquant:
-        opts["duquant"] = duquant
-    return opts
+def options_of(recipe: str, extra: dict, calibration, handoff: str) -> dict:
+    return {"recipe": recipe, "calibration": calibration, "handoff": handoff, **extra}
 
 
 def measure_row(key, model, tokens, calibration, args) -> dict:
-    label, recipe, duquant = ROWS[key]
+    label, recipe, extra = ROWS[key]
     row = {"key": key, "name": label, "recipe": recipe}
     if recipe is None:
         row["ppl"] = perplexity(model, tokens, batch_size=4)
@@ -87,7 +93,7 @@ def measure_row(key, model, tokens, calibration, args) -> dict:
         return row
     torch._dynamo.reset()
     n0 = len(qcompile.compiled_reports())
-    opts = options_of(recipe, duquant, calibration, "eager")
+    opts = options_of(recipe, extra, calibration, "eager")
     row["ppl"] = perplexity(
         torch.compile(model, backend="lowbit", options=opts), tokens, batch_size=4
     )
@@ -99,7 +105,7 @@ def measure_row(key, model, tokens, calibration, args) -> dict:
         print(f"  note: {label}: {quantized} of {linears} linears quantized", flush=True)
     if not args.no_latency:
         torch._dynamo.reset()
-        opts = options_of(recipe, duquant, calibration, "inductor")
+        opts = options_of(recipe, extra, calibration, "inductor")
         compiled = torch.compile(model, backend="lowbit", options=opts)
         row.update(latency(model, compiled, tokens[:, :512], args.repeats))
         del compiled
@@ -182,7 +188,9 @@ def print_table(rows, args) -> None:
         "relative to w8a8 in this run (> 1 is slower); passes s: lowbit passes of the row's "
         "first compile (transforms and low-bit weights built from the calibration). "
         "permute=False drops P0, P and with them R2 (one rotation R1 only); steps=1 keeps "
-        "P0 R1 P R2 with one greedy step per block rotation."
+        "P0 R1 P R2 with one greedy step per block rotation; fp32 online transforms: "
+        "options['cpu_transform_dtype'] = 'activation' (the default runs the online block "
+        "products of <= 6-bit activations on bf16 operands)."
     )
 
 

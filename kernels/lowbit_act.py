@@ -46,6 +46,7 @@ __all__ = [
     "CLIP_RATIOS",
     "block_rotate",
     "block_rotate_cpu",
+    "prepare_block_rotate_cpu",
     "int4_linear",
     "pack_int4",
     "qmax_for",
@@ -174,59 +175,84 @@ def block_rotate(
 
 
 def _block_matmul_channels_major(
-    xt: torch.Tensor, blocks: torch.Tensor | None, tail: torch.Tensor | None
+    xt: torch.Tensor, blocks_t: torch.Tensor | None, tail_t: torch.Tensor | None
 ) -> torch.Tensor:
-    """``(X @ diag(blocks..., tail))^T [K, M]`` (contiguous) from ``xt = X^T [K, M]``.
+    """``(X @ diag(blocks..., tail))^T [K, M]`` from ``xt = X^T [K, M]`` (contiguous).
 
-    Block ``i`` is one matrix product ``blocks[i]^T @ xt[i b : (i + 1) b]``: ``xt`` may be
-    a transposed view (``X`` row-major), which BLAS reads as it is.
+    ``blocks_t [nb, b, b]`` / ``tail_t`` hold each block TRANSPOSED and contiguous, so
+    block ``i`` is the plain product ``blocks_t[i] @ xt[i b : (i + 1) b]``.
     """
     parts = []
     done = 0
-    if blocks is not None:
-        nb, b, _ = blocks.shape
+    if blocks_t is not None:
+        nb, b, _ = blocks_t.shape
         done = nb * b
-        yb = torch.bmm(blocks.transpose(1, 2), xt[:done].reshape(nb, b, xt.shape[1]))
+        yb = torch.bmm(blocks_t, xt[:done].reshape(nb, b, xt.shape[1]))
         parts.append(yb.reshape(done, xt.shape[1]))
-    if tail is not None:
-        parts.append(tail.t() @ xt[done:])
+    if tail_t is not None:
+        parts.append(tail_t @ xt[done:])
     if not parts:  # no matrix: the identity
         return xt
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-def block_rotate_cpu(
-    x: torch.Tensor,
+def prepare_block_rotate_cpu(
     blocks: torch.Tensor | None,
     tail: torch.Tensor | None,
+    blocks2: torch.Tensor | None,
+    tail2: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, ...]:
+    """:func:`block_rotate`'s matrices as :func:`block_rotate_cpu` takes them: each
+    block transposed, contiguous, in ``dtype``."""
+
+    def t(m):
+        return None if m is None else m.transpose(-1, -2).contiguous().to(dtype)
+
+    return t(blocks), t(tail), t(blocks2), t(tail2)
+
+
+def block_rotate_cpu(
+    x: torch.Tensor,
+    blocks_t: torch.Tensor | None,
+    tail_t: torch.Tensor | None,
     perm: torch.Tensor | None = None,
-    blocks2: torch.Tensor | None = None,
-    tail2: torch.Tensor | None = None,
+    blocks2_t: torch.Tensor | None = None,
+    tail2_t: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`block_rotate` computed channels-major: the CPU lowering of ``lowbit::block_rotate``.
 
-    Same products and sums as :func:`block_rotate` (equal up to the float rounding of
-    the BLAS kernels' summation order); the intermediate is ``Y^T [K, M]``: each block
-    product is ``B_i^T @ X_i^T`` (a GEMM over the M tokens), and the permutation ``P``
-    gathers whole contiguous rows of ``Y^T`` (one index per channel) instead of single
-    elements scattered over the ``[nb, M, b]`` batched-matmul output, which inductor
-    generates as a scalar gather with index arithmetic per element. The result is a
-    transposed view (``[..., K]`` with unit stride over tokens); its consumer (the
-    per-token quantization) reads it in place. Measured on SmolLM2's shapes (M = 512,
-    blocks of 64, ``R1 P R2`` + 4-bit quantization under inductor, 1 thread): K = 576
-    2.0 -> 1.2 ms, K = 1536 7.4 -> 4.7 ms; the two batched matmuls are then most of it
-    (about 67 GFLOP/s per thread, against 86 for a large fp32 GEMM here). One dense
-    ``K x K`` matmul of the block-diagonal matrices instead costs 4 and 32 ms. In the
-    whole W4A4 prefill the gathers went from about 220 ms to 12 ms (1 thread), and the
-    logits stayed bit-identical.
+    The matrices come from :func:`prepare_block_rotate_cpu` (transposed blocks). Same
+    products and sums as :func:`block_rotate` (equal up to the float rounding of the
+    BLAS kernels' summation order) when ``compute_dtype`` is None or ``x``'s dtype;
+    the result is in ``x``'s dtype. The intermediate is ``Y^T [K, M]``, contiguous:
+    ``X^T`` is copied once (under inductor one kernel, with the cast to
+    ``compute_dtype`` fused in), each block product is ``B_i^T @ X_i^T`` (a GEMM over
+    the M tokens on contiguous operands), and the permutation ``P`` gathers whole rows
+    of ``Y^T`` (one index per channel) instead of single elements scattered over a
+    ``[nb, M, b]`` batched-matmul output, which inductor generates as a scalar gather
+    per element. The result is a transposed view (``[..., K]`` with unit stride over
+    tokens); its consumer (the per-token quantization) reads it in place.
+
+    ``compute_dtype=torch.bfloat16`` runs the block products on bf16 operands (fp32
+    accumulation in oneDNN; AMX where the CPU has it): the transformed activations are
+    then within about 2^-8 relative of the fp32 ones, well inside a 4- or 6-bit
+    quantization step; ``lower`` chooses it (``options["online_transform"]``).
+    Measured (SmolLM2 shapes, M = 512, blocks of 64, 1 thread, one block product):
+    K = 576 0.52 ms with the untransposed blocks read through a view, 0.25 ms
+    contiguous fp32, 0.10 ms bf16; K = 1536 1.57, 0.68 and 0.39 ms.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    y = _block_matmul_channels_major(x.reshape(-1, k).t(), blocks, tail)
+    xt = x.reshape(-1, k).t()
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        xt = xt.to(compute_dtype)
+    y = _block_matmul_channels_major(xt.contiguous(), blocks_t, tail_t)
     if perm is not None:
         y = y.index_select(0, perm)
-    if blocks2 is not None or tail2 is not None:
-        y = _block_matmul_channels_major(y, blocks2, tail2)
-    return y.t().reshape(*lead, k)
+    if blocks2_t is not None or tail2_t is not None:
+        y = _block_matmul_channels_major(y.contiguous(), blocks2_t, tail2_t)
+    return y.t().reshape(*lead, k).to(x.dtype)
 
 
 def split_blocks(

@@ -9,7 +9,9 @@ Postcondition:
     of ``qcompile.kernels.cpu_int8`` (oneDNN ``_int_mm``; inductor fuses the rest);
     ``quantize_rows_bits`` and ``block_rotate`` their aten functions in
     ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
-    runs the permutation as a row gather); the dynamic op stays a custom op (data-dependent
+    runs the permutation as a row gather, with its matrices transposed and in the
+    operand dtype of :func:`cpu_transform_dtype`: bf16 for <= 6-bit activations on a
+    CPU with native bf16 matmuls, by default); the dynamic op stays a custom op (data-dependent
     columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
     kernel (bf16 activations inside);
@@ -57,7 +59,6 @@ def lowering_table(target: str) -> dict:
             lowbit.quantize_rows.default: cpu_int8.quantize_rows,
             lowbit.int8_linear.default: cpu_int8.int8_linear,
             lowbit.quantize_rows_bits.default: lowbit_act.quantize_rows_bits,  # W4A4, W6A6, ...
-            lowbit.block_rotate.default: lowbit_act.block_rotate_cpu,  # DuQuant / Hadamard online
         }
     if target == "triton":
         from qcompile.kernels import triton_int8
@@ -85,6 +86,9 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         if node.target is torch.ops.lowbit.dequant_linear.default and ctx.target == "cpu":
             lower_dequant_linear_cpu(gm, node, ctx)
+            lowered += 1
+        elif node.target is torch.ops.lowbit.block_rotate.default and ctx.target == "cpu":
+            lower_block_rotate_cpu(gm, node, ctx)
             lowered += 1
         elif node.target in table:
             node.target = table[node.target]
@@ -222,6 +226,56 @@ def _to_int4_linear(gm: fx.GraphModule, lin: fx.Node, packed: dict) -> None:
     lin.args = (q, s, p_node, w_scale, bias, out_dtype)
     if not w_node.users:
         drop_constant(gm, w_node)
+
+
+#: activation bit widths whose quantization step dwarfs bf16's rounding (2^-8 relative)
+BF16_TRANSFORM_MAX_ACT_BITS = 6
+
+
+def cpu_transform_dtype(node: fx.Node, ctx: PassContext) -> torch.dtype:
+    """Operand dtype of a ``block_rotate`` on the CPU target (``options["cpu_transform_dtype"]``).
+
+    ``auto``: bfloat16 when the CPU multiplies bf16 natively (oneDNN; AMX or avx512_bf16)
+    and every reader of the transformed activations quantizes them per token to at most
+    ``BF16_TRANSFORM_MAX_ACT_BITS`` bits (W4A4, W6A6; not W4A8, whose 8-bit step is
+    near bf16's rounding); otherwise the activation dtype.
+    """
+    val = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
+    act = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    choice = ctx.options.cpu_transform_dtype
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "activation" or act not in (torch.float32, torch.bfloat16):
+        return act
+    low_bit_readers = node.users and all(
+        u.target is torch.ops.lowbit.quantize_rows_bits.default
+        and u.args[1] <= BF16_TRANSFORM_MAX_ACT_BITS
+        for u in node.users
+    )
+    return torch.bfloat16 if low_bit_readers and _cpu_has_native_bf16() else act
+
+
+def _cpu_has_native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def lower_block_rotate_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
+    """``block_rotate`` -> ``lowbit_act.block_rotate_cpu`` with its matrices transposed,
+    contiguous and in the operand dtype (``cpu_transform_dtype``), as new constants."""
+    x, blocks, tail, perm, blocks2, tail2 = node.args
+    dtype = cpu_transform_dtype(node, ctx)
+    mats = [None if a is None else getattr(gm, a.target) for a in (blocks, tail, blocks2, tail2)]
+    prepared = lowbit_act.prepare_block_rotate_cpu(*mats, dtype=dtype)
+    tag = f"lowbit_rotate_{node.meta.get('lowbit.rotate', node.name)}_cpu"
+    consts = [
+        None if t is None else add_constant(gm, f"{tag}_{name}", t, node)
+        for name, t in zip(("r1", "r1_tail", "r2", "r2_tail"), prepared)
+    ]
+    node.target = lowbit_act.block_rotate_cpu
+    node.args = (x, consts[0], consts[1], perm, consts[2], consts[3], dtype)
+    for old in (blocks, tail, blocks2, tail2):
+        if old is not None and not old.users:
+            drop_constant(gm, old)
 
 
 def _packed_from_cpu(w4, shift, bits: int, group: int) -> dict[str, torch.Tensor]:

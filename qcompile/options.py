@@ -19,6 +19,7 @@ from .recipes import get_recipe
 TARGETS = ("auto", "cpu", "triton")
 OUTLIER_MODES = ("static", "dynamic")
 HANDOFFS = ("inductor", "eager")
+CPU_TRANSFORM_DTYPES = ("auto", "activation", "bfloat16")
 
 OPTION_HELP = {
     "recipe": "recipe name for every linear site (default 'int8-mixed')",
@@ -37,6 +38,10 @@ OPTION_HELP = {
     "default False)",
     "duquant": "settings for '-duquant' recipes: {'block_size': 'auto', 'steps': 8, "
     "'permute': True, 'alpha': 0.5, 'clip_search': True}",
+    "cpu_transform_dtype": "operand dtype of the online DuQuant / Hadamard transforms on the "
+    "CPU target: 'auto' (default: bfloat16 where the CPU multiplies bf16 natively and every "
+    "reader quantizes the result to <= 6 bits, else the activation dtype), 'activation' or "
+    "'bfloat16'",
     "verify": "True: check that the exact passes (smooth, rotate) left the graph's outputs "
     "unchanged on the example inputs; raises naming the pass (default False)",
 }
@@ -75,6 +80,7 @@ class Options:
     )
     verify: bool = False
     free_weights: bool = False
+    cpu_transform_dtype: str = "auto"
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> Options:
@@ -90,6 +96,11 @@ class Options:
         _check_choice("target", options.get("target", cls.target), TARGETS)
         _check_choice("outlier_mode", options.get("outlier_mode", cls.outlier_mode), OUTLIER_MODES)
         _check_choice("handoff", options.get("handoff", cls.handoff), HANDOFFS)
+        _check_choice(
+            "cpu_transform_dtype",
+            options.get("cpu_transform_dtype", cls.cpu_transform_dtype),
+            CPU_TRANSFORM_DTYPES,
+        )
 
         overrides = options.get("overrides") or {}
         if not isinstance(overrides, Mapping):

@@ -61,6 +61,10 @@ def test_unknown_recipe_lists_valid_recipes(options):
         ({"target": "gpu"}, ["target", "'gpu'", "auto", "cpu", "triton"]),
         ({"outlier_mode": "runtime"}, ["outlier_mode", "static", "dynamic"]),
         ({"handoff": "aot"}, ["handoff", "inductor", "eager"]),
+        (
+            {"cpu_transform_dtype": "fp16"},
+            ["cpu_transform_dtype", "auto", "activation", "bfloat16"],
+        ),
         ({"threshold": -1}, ["threshold"]),
         ({"threshold": float("nan")}, ["threshold"]),
         ({"threshold": "6"}, ["threshold"]),

@@ -338,11 +338,44 @@ def _run(traced, options):
     return traced.call(fn), ops
 
 
+def _transform_dtypes(traced, options) -> tuple[torch.Tensor, set]:
+    from qcompile.backend import lowbit_backend
+    from qcompile.kernels.lowbit_act import block_rotate_cpu
+
+    fn = lowbit_backend(traced.fresh(), traced.inputs, options={"handoff": "eager", **options})
+    nodes = [n for n in fn.__self__.graph.nodes if n.target is block_rotate_cpu]
+    assert nodes
+    return traced.call(fn), {n.args[-1] for n in nodes}
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_cpu_online_transform_dtype(tiny):
+    """W4A4 / W6A6 transforms run on bf16 operands on a CPU with native bf16 matmuls
+    (the error against the fp model within 10% of fp32 operands'); W4A8 and 'activation' keep fp32;
+    'bfloat16' forces it."""
+    from qcompile.lowering.lower import _cpu_has_native_bf16
+
+    spec, cal, traced = tiny
+    base = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16}}
+    out32, dtypes = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "activation"})
+    assert dtypes == {torch.float32}
+    out16, dtypes = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
+    assert dtypes == {torch.bfloat16}
+    # bf16 rounding moves some codes by one step; the model's error stays that of W4A4
+    assert not torch.equal(out16, out32)
+    assert rel_err(out16, traced.eager) < 1.1 * rel_err(out32, traced.eager)
+    native = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    assert _transform_dtypes(traced, base)[1] == {native}
+    assert _transform_dtypes(traced, {**base, "recipe": "w6a6-duquant"})[1] == {native}
+    assert _transform_dtypes(traced, {**base, "recipe": "w4a8-duquant"})[1] == {torch.float32}
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_w4a4_duquant_triton_target_matches_cpu_target(tiny):
     spec, cal, traced = tiny
     opts = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16}}
-    out_cpu, ops_cpu = _run(traced, {**opts, "target": "cpu"})
+    # fp32 operands on both targets (the cpu default is bf16 for W4A4: test below)
+    out_cpu, ops_cpu = _run(traced, {**opts, "target": "cpu", "cpu_transform_dtype": "activation"})
     out, ops = _run(traced, {**opts, "target": "triton"})
     report = qcompile.compiled_reports()[-1]
     sites, groups = 7 * spec.layers + 1, 4 * spec.layers + 1  # q/k/v and gate/up share inputs
@@ -363,7 +396,8 @@ def test_triton_lowering_unfused_paths(tiny, monkeypatch):
     """W6A6: fused quantization, unpacked int8 GEMM; a transform with a non-quantized
     reader keeps block_rotate for it; blocks over the fused limit stay block_rotate."""
     spec, cal, traced = tiny
-    base = {"calibration": cal, "duquant": {"block_size": 16}}
+    # fp32 transform operands on the cpu target: the same sums as the triton kernels
+    base = {"calibration": cal, "duquant": {"block_size": 16}, "cpu_transform_dtype": "activation"}
     out_cpu, _ = _run(traced, {**base, "recipe": "w6a6-duquant", "target": "cpu"})
     out, ops = _run(traced, {**base, "recipe": "w6a6-duquant", "target": "triton"})
     assert ops["lowbit.rotate_quantize_rows_bits_triton.default"] == 4 * spec.layers + 1

@@ -118,16 +118,12 @@ def test_cpu_int4_prepack_is_shared_by_every_graph_of_a_weight():
 
 @pytest.mark.parametrize("k,block,lead", [(70, 32, (2, 3)), (64, 64, (5,)), (96, 32, (1, 1))])
 def test_block_rotate_cpu_lowering_matches_reference(k, block, lead):
-    """The CPU lowering of ``lowbit::block_rotate`` (channels-major) computes the same
-    ``X @ R1 @ P @ R2`` as the reference, eagerly (float64) and under inductor (float32:
-    the per-token 4-bit codes agree)."""
+    """The CPU kernel of ``lowbit::block_rotate`` (channels-major, transposed blocks)
+    computes the same ``X @ R1 @ P @ R2`` as the reference, eagerly (float64) and under
+    inductor (float32: the per-token 4-bit codes agree; bf16 operands: within one code)."""
     from qcompile.kernels import lowbit_act
-    from qcompile.lowering.lower import lowering_table
     from qcompile.transforms import random_orthogonal
 
-    assert lowering_table("cpu")[torch.ops.lowbit.block_rotate.default] is (
-        lowbit_act.block_rotate_cpu
-    )
     g = torch.Generator().manual_seed(k)
     sizes = [min(block, k - i) for i in range(0, k, block)]
     r1 = torch.block_diag(*[random_orthogonal(b, seed=i) for i, b in enumerate(sizes)])
@@ -136,21 +132,26 @@ def test_block_rotate_cpu_lowering_matches_reference(k, block, lead):
     b2, t2 = lowbit_act.split_blocks(r2, block)
     perm = torch.randperm(k, generator=g)
     x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
+
+    def cpu_args(b1, t1, perm=None, b2=None, t2=None, dtype=torch.float64):
+        m1, mt1, m2, mt2 = lowbit_act.prepare_block_rotate_cpu(b1, t1, b2, t2, dtype)
+        return m1, mt1, perm, m2, mt2
+
     for args in ((b1, t1), (b1, t1, perm), (b1, t1, perm, b2, t2), (None, r1, perm)):
-        out = lowbit_act.block_rotate_cpu(x, *args)
-        assert out.shape == x.shape
+        out = lowbit_act.block_rotate_cpu(x, *cpu_args(*args))
+        assert out.shape == x.shape and out.dtype == x.dtype
         torch.testing.assert_close(out, lowbit_act.block_rotate(x, *args), rtol=0, atol=1e-12)
 
     def rotate_quantize(fn, x, *args):
         return lowbit_act.quantize_rows_bits(fn(x, *args), 4)
 
-    args32 = [
-        a.float() if a is not None and a.is_floating_point() else a for a in (b1, t1, perm, b2, t2)
-    ]
     x32 = (x * 3).float()
-    q_ref, s_ref = rotate_quantize(lowbit_act.block_rotate, x32, *args32)
-    torch._dynamo.reset()
-    q, s = torch.compile(rotate_quantize)(lowbit_act.block_rotate_cpu, x32, *args32)
-    torch._dynamo.reset()
-    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
-    assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 0.01
+    q_ref, s_ref = rotate_quantize(lowbit_act.block_rotate, x32.double(), b1, t1, perm, b2, t2)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        args = (*cpu_args(b1, t1, perm, b2, t2, dtype=dtype), dtype)
+        torch._dynamo.reset()
+        q, s = torch.compile(rotate_quantize)(lowbit_act.block_rotate_cpu, x32, *args)
+        torch._dynamo.reset()
+        torch.testing.assert_close(s, s_ref.float(), rtol=tol, atol=0)
+        assert (q.int() - q_ref.int()).abs().max() <= 1
+        assert (q != q_ref).float().mean() < (0.01 if dtype == torch.float32 else 0.1)
