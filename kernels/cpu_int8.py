@@ -18,7 +18,7 @@ import torch
 
 from .reference import epilogue_dtype, quantize_rows  # aten-only: what inductor should fuse
 
-__all__ = ["quantize_rows", "int8_linear", "int8_matmul_int32"]
+__all__ = ["quantize_rows", "int8_linear", "int8_linear_channels_major", "int8_matmul_int32"]
 
 
 def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -40,3 +40,29 @@ def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
     if addend is not None:
         out = out + addend.reshape(-1, n).to(wide)
     return out.to(out_dtype).reshape(*lead, n)
+
+
+def int8_linear_channels_major(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
+    """:func:`int8_linear` computed as ``(W_q Q^T)^T``: the result is a transposed view
+    of a contiguous ``[N, M]`` (channels-major) buffer.
+
+    For a linear whose output feeds a channels-major consumer (``lowbit_act.block_rotate_cpu``
+    copies its input to ``[K, M]``): the epilogue and the elementwise ops between
+    (``silu(gate) * up``) then run in that layout, and inductor writes the consumer's
+    copy without a transposition. Same integer products; the float epilogue multiplies
+    in the same order.
+    """
+    lead = q.shape[:-1]
+    n = w_q.shape[0]
+    q2 = q.reshape(-1, q.shape[-1])
+    if q2.shape[-1] == 1:
+        acc_t = w_q.to(torch.int32) * q2.to(torch.int32).t()
+    else:
+        acc_t = torch._int_mm(w_q.contiguous(), q2.t())  # [N, M]
+    wide = epilogue_dtype(out_dtype)
+    out = acc_t.to(wide) * x_scale.reshape(1, -1) * w_scale.reshape(-1, 1)
+    if bias is not None:
+        out = out + bias.to(wide).reshape(-1, 1)
+    if addend is not None:
+        out = out + addend.reshape(-1, n).t().to(wide)
+    return out.to(out_dtype).t().reshape(*lead, n)

@@ -11,7 +11,10 @@ Postcondition:
     ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
     runs the permutation as a row gather, with its matrices transposed and in the
     operand dtype of :func:`cpu_transform_dtype`: bf16 for <= 6-bit activations on a
-    CPU with native bf16 matmuls, by default); the dynamic op stays a custom op (data-dependent
+    CPU with native bf16 matmuls, by default; in prefill graphs a bf16 transform with
+    K <= ``DENSE_TRANSFORM_MAX_K`` is one dense GEMM instead, ``dense_rotate_cpu``; the
+    int8 linears that produce a block path's input through elementwise ops compute
+    it channels-major, ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op (data-dependent
     columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
     kernel (bf16 activations inside);
@@ -279,6 +282,35 @@ def _tokens(x: fx.Node) -> int:
     return rows
 
 
+#: the block path copies its input channels-major: int8 linears producing that input
+#: (through elementwise ops only) compute their output channels-major
+CHANNELS_MAJOR_PRODUCERS = True
+_ELEMENTWISE = (operator.mul, torch.mul, torch.nn.functional.silu, torch.sigmoid, operator.add)
+
+
+def _channels_major_producers(x) -> list[fx.Node]:
+    """The ``cpu_int8.int8_linear`` nodes whose outputs reach ``x`` through elementwise
+    ops only, every one of them read by nothing else (e.g. gate_proj and up_proj for
+    ``silu(gate) * up``); [] when anything else is on the way."""
+    linears, stack, seen = [], [x], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node):
+            continue  # a scalar operand
+        if node in seen:
+            return []
+        seen.add(node)
+        if node is not x and len(node.users) != 1:
+            return []
+        if node.op == "call_function" and node.target is cpu_int8.int8_linear:
+            linears.append(node)
+        elif node.op == "call_function" and node.target in _ELEMENTWISE and not node.kwargs:
+            stack.extend(node.args)
+        else:
+            return []
+    return linears
+
+
 def lower_block_rotate_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """``block_rotate`` on the CPU target, in the operand dtype of ``cpu_transform_dtype``:
     on bf16 operands with ``K <= DENSE_TRANSFORM_MAX_K`` and at least
@@ -303,6 +335,9 @@ def lower_block_rotate_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) 
             if old is not None and not old.users:
                 drop_constant(gm, old)
         return
+    if CHANNELS_MAJOR_PRODUCERS:
+        for lin in _channels_major_producers(x):
+            lin.target = cpu_int8.int8_linear_channels_major
     prepared = lowbit_act.prepare_block_rotate_cpu(*mats, dtype=dtype)
     consts = [
         None if t is None else add_constant(gm, f"{tag}_{name}", t, node)

@@ -159,3 +159,20 @@ def test_block_rotate_cpu_lowering_matches_reference(k, block, lead):
         torch.testing.assert_close(s, s_ref.float(), rtol=tol, atol=0)
         assert (q.int() - q_ref.int()).abs().max() <= 1
         assert (q != q_ref).float().mean() < (0.01 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.parametrize("k", [1, 24])
+def test_int8_linear_channels_major_equals_int8_linear(k):
+    """The channels-major int8 linear is the same function (a transposed view)."""
+    from qcompile.kernels import cpu_int8
+
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (2, 5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (7, k), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(2, 5, 1, generator=g), torch.rand(7, generator=g)
+    bias, addend = torch.randn(7, generator=g), torch.randn(2, 5, 7, generator=g)
+    for b, a in ((None, None), (bias, addend)):
+        expect = cpu_int8.int8_linear(q, xs, w, ws, b, a, torch.float32)
+        out = cpu_int8.int8_linear_channels_major(q, xs, w, ws, b, a, torch.float32)
+        assert out.shape == expect.shape == (2, 5, 7)
+        torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)
