@@ -46,8 +46,6 @@ __all__ = [
     "CLIP_RATIOS",
     "block_rotate",
     "block_rotate_cpu",
-    "dense_rotate_cpu",
-    "dense_transform",
     "prepare_block_rotate_cpu",
     "int4_linear",
     "pack_int4",
@@ -255,36 +253,6 @@ def block_rotate_cpu(
     if blocks2_t is not None or tail2_t is not None:
         y = _block_matmul_channels_major(y.contiguous(), blocks2_t, tail2_t)
     return y.t().reshape(*lead, k).to(x.dtype)
-
-
-def dense_transform(
-    k: int,
-    blocks: torch.Tensor | None,
-    tail: torch.Tensor | None,
-    perm: torch.Tensor | None,
-    blocks2: torch.Tensor | None,
-    tail2: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The ``K x K`` matrix ``T`` of :func:`block_rotate` (``X @ T``), computed in float64
-    and rounded once to ``dtype``."""
-    f64 = [None if t is None else t.double() for t in (blocks, tail)]
-    f64_2 = [None if t is None else t.double() for t in (blocks2, tail2)]
-    eye = torch.eye(k, dtype=torch.float64)
-    return block_rotate(eye, *f64, perm, *f64_2).to(dtype).contiguous()
-
-
-def dense_rotate_cpu(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``X @ T`` as one GEMM on ``t``'s dtype (bf16: oneDNN/AMX), returned in ``x``'s dtype.
-
-    The CPU lowering of a ``block_rotate`` on a small ``K`` (``lower``): on bf16 operands
-    one dense ``K x K`` product costs about what the block products and the layout copies
-    around them do, and it keeps the activations row-major, so the cast to bf16 fuses
-    into their producer and the per-token quantization reads them in place (no
-    transposed copy, no gather). Measured (M = 512, 1 thread): K = 576 0.35 ms bf16
-    (4.4 ms fp32); K = 1536 2.7 ms (the block path is cheaper there).
-    """
-    return (x.to(t.dtype) @ t).to(x.dtype)
 
 
 def split_blocks(

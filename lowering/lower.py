@@ -11,9 +11,7 @@ Postcondition:
     ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
     runs the permutation as a row gather, with its matrices transposed and in the
     operand dtype of :func:`cpu_transform_dtype`: bf16 for <= 6-bit activations on a
-    CPU with native bf16 matmuls, by default; in prefill graphs a bf16 transform with
-    K <= ``DENSE_TRANSFORM_MAX_K`` is one dense GEMM instead, ``dense_rotate_cpu``; the
-    int8 linears that produce a block path's input through elementwise ops compute
+    CPU with native bf16 matmuls, by default; the int8 linears that produce a block path's input through elementwise ops compute
     it channels-major, ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op (data-dependent
     columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
@@ -262,26 +260,6 @@ def _cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-#: a bf16 online transform runs as one dense K x K GEMM (dense_rotate_cpu) for K up to
-#: this and at least DENSE_TRANSFORM_MIN_TOKENS rows (prefill; a decode step would read
-#: the K x K matrix per token instead of the blocks)
-DENSE_TRANSFORM_MAX_K = 1024
-DENSE_TRANSFORM_MIN_TOKENS = 64
-
-
-def _tokens(x: fx.Node) -> int:
-    """Rows of ``x [..., K]`` in the traced graph; 0 when unknown or symbolic."""
-    val = x.meta.get("example_value") if isinstance(x, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() == 0:
-        return 0
-    rows = 1
-    for d in val.shape[:-1]:
-        if not isinstance(d, int):
-            return 0
-        rows *= d
-    return rows
-
-
 #: the block path copies its input channels-major: int8 linears producing that input
 #: (through elementwise ops only) compute their output channels-major
 CHANNELS_MAJOR_PRODUCERS = True
@@ -312,33 +290,17 @@ def _channels_major_producers(x) -> list[fx.Node]:
 
 
 def lower_block_rotate_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
-    """``block_rotate`` on the CPU target, in the operand dtype of ``cpu_transform_dtype``:
-    on bf16 operands with ``K <= DENSE_TRANSFORM_MAX_K`` and at least
-    ``DENSE_TRANSFORM_MIN_TOKENS`` rows, ``lowbit_act.dense_rotate_cpu``
-    with the whole ``T`` as one bf16 constant; otherwise ``lowbit_act.block_rotate_cpu``
-    with its block matrices transposed and contiguous, as new constants."""
+    """``block_rotate`` -> ``lowbit_act.block_rotate_cpu`` with its matrices transposed,
+    contiguous and in the operand dtype of ``cpu_transform_dtype``, as new constants;
+    the int8 linears producing its input through elementwise ops become channels-major."""
     x, blocks, tail, perm, blocks2, tail2 = node.args
     dtype = cpu_transform_dtype(node, ctx)
     mats = [None if a is None else getattr(gm, a.target) for a in (blocks, tail, blocks2, tail2)]
-    k = sum(0 if m is None else m.shape[0] * (m.shape[1] if m.dim() == 3 else 1) for m in mats[:2])
-    tag = f"lowbit_rotate_{node.meta.get('lowbit.rotate', node.name)}_cpu"
-    if (
-        dtype == torch.bfloat16
-        and 0 < k <= DENSE_TRANSFORM_MAX_K
-        and _tokens(x) >= DENSE_TRANSFORM_MIN_TOKENS
-    ):
-        perm_t = None if perm is None else getattr(gm, perm.target)
-        dense = lowbit_act.dense_transform(k, mats[0], mats[1], perm_t, *mats[2:], dtype=dtype)
-        node.target = lowbit_act.dense_rotate_cpu
-        node.args = (x, add_constant(gm, f"{tag}_dense", dense, node))
-        for old in (blocks, tail, perm, blocks2, tail2):
-            if old is not None and not old.users:
-                drop_constant(gm, old)
-        return
     if CHANNELS_MAJOR_PRODUCERS:
         for lin in _channels_major_producers(x):
             lin.target = cpu_int8.int8_linear_channels_major
     prepared = lowbit_act.prepare_block_rotate_cpu(*mats, dtype=dtype)
+    tag = f"lowbit_rotate_{node.meta.get('lowbit.rotate', node.name)}_cpu"
     consts = [
         None if t is None else add_constant(gm, f"{tag}_{name}", t, node)
         for name, t in zip(("r1", "r1_tail", "r2", "r2_tail"), prepared)

@@ -339,69 +339,51 @@ def _run(traced, options):
 
 
 def _transform_dtypes(traced, options) -> tuple[torch.Tensor, set]:
-    """Logits and ``{(kernel, operand dtype)}`` of the lowered graph's online transforms."""
+    """Logits and what the lowered graph's online transforms run as: ``{operand dtype}``
+    plus the sites whose int8 linears compute channels-major."""
     from qcompile.backend import lowbit_backend
     from qcompile.kernels.cpu_int8 import int8_linear_channels_major
-    from qcompile.kernels.lowbit_act import block_rotate_cpu, dense_rotate_cpu
+    from qcompile.kernels.lowbit_act import block_rotate_cpu
 
     fn = lowbit_backend(traced.fresh(), traced.inputs, options={"handoff": "eager", **options})
-    gm = fn.__self__
     kinds = set()
-    for n in gm.graph.nodes:
+    for n in fn.__self__.graph.nodes:
         if n.target is block_rotate_cpu:
-            kinds.add(("blocks", n.args[-1]))
-        elif n.target is dense_rotate_cpu:
-            kinds.add(("dense", getattr(gm, n.args[1].target).dtype))
+            kinds.add(n.args[-1])
         elif n.target is int8_linear_channels_major:
-            kinds.add(("channels-major linear", n.meta["lowbit.site"]))
-    assert kinds
+            kinds.add(n.meta["lowbit.site"])
     return traced.call(fn), kinds
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_cpu_online_transform_dtype(tiny, monkeypatch):
-    """W4A4 / W6A6 transforms run on bf16 operands on a CPU with native bf16 matmuls, as
-    one dense GEMM up to ``DENSE_TRANSFORM_MAX_K`` on enough rows (the error against the fp model within
-    10% of fp32 operands'); W4A8 and 'activation' keep fp32 blocks; 'bfloat16' forces it."""
+    """W4A4 / W6A6 transforms run on bf16 operands on a CPU with native bf16 matmuls
+    (the error against the fp model within 10% of fp32 operands'); W4A8 and 'activation'
+    keep fp32; 'bfloat16' forces it. down_proj's input ``silu(gate) * up`` is copied
+    channels-major, so gate_proj and up_proj compute their outputs in that layout."""
     from qcompile.lowering import lower
     from qcompile.lowering.lower import _cpu_has_native_bf16
 
     spec, cal, traced = tiny
     base = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16}}
-    monkeypatch.setattr(lower, "DENSE_TRANSFORM_MIN_TOKENS", 16)  # 2 x 9 rows: "prefill"
-    # down_proj's input, silu(gate) * up, is copied channels-major by the block path:
-    # gate_proj and up_proj then compute their outputs in that layout
-    mlp = {
-        ("channels-major linear", "model.layers.0.mlp.gate_proj.weight"),
-        ("channels-major linear", "model.layers.0.mlp.up_proj.weight"),
-    }
+    mlp = {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
     out32, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "activation"})
-    assert kinds == {("blocks", torch.float32), *mlp}
+    assert kinds == {torch.float32, *mlp}
     out16, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
-    assert kinds == {("dense", torch.bfloat16)}  # K = 40 and 56
+    assert kinds == {torch.bfloat16, *mlp}
     # bf16 rounding moves some codes by one step; the model's error stays that of W4A4
     assert not torch.equal(out16, out32)
     assert rel_err(out16, traced.eager) < 1.1 * rel_err(out32, traced.eager)
     with monkeypatch.context() as m:
-        m.setattr(lower, "DENSE_TRANSFORM_MAX_K", 48)  # gate/up (40): dense; down (56): blocks
-        out_mixed, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
-    assert kinds == {("dense", torch.bfloat16), ("blocks", torch.bfloat16), *mlp}
-    assert rel_err(out_mixed, traced.eager) < 1.1 * rel_err(out32, traced.eager)
-    with monkeypatch.context() as m:
-        m.setattr(lower, "DENSE_TRANSFORM_MAX_K", 48)
         m.setattr(lower, "CHANNELS_MAJOR_PRODUCERS", False)
-        out_rows, _ = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
-    torch.testing.assert_close(out_rows, out_mixed, rtol=1e-5, atol=1e-5)
-    native = (
-        {("dense", torch.bfloat16)} if _cpu_has_native_bf16() else {("blocks", torch.float32), *mlp}
-    )
-    assert _transform_dtypes(traced, base)[1] == native
-    assert _transform_dtypes(traced, {**base, "recipe": "w6a6-duquant"})[1] == native
+        out_rows, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
+    assert kinds == {torch.bfloat16}
+    torch.testing.assert_close(out_rows, out16, rtol=1e-5, atol=1e-5)
+    native = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    assert _transform_dtypes(traced, base)[1] == {native, *mlp}
+    assert _transform_dtypes(traced, {**base, "recipe": "w6a6-duquant"})[1] == {native, *mlp}
     w4a8 = {**base, "recipe": "w4a8-duquant"}
-    assert _transform_dtypes(traced, w4a8)[1] == {("blocks", torch.float32), *mlp}
-    monkeypatch.setattr(lower, "DENSE_TRANSFORM_MIN_TOKENS", 32)  # 18 rows: "decode"
-    bf16 = {**base, "cpu_transform_dtype": "bfloat16"}
-    assert _transform_dtypes(traced, bf16)[1] == {("blocks", torch.bfloat16), *mlp}
+    assert _transform_dtypes(traced, w4a8)[1] == {torch.float32, *mlp}
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
