@@ -12,12 +12,9 @@ Latencies are medians; ratios are against fp32 eager measured in this run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from timing import median_ms  # noqa: E402  (same folder)
-from transformers import DynamicCache
+from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
@@ -25,39 +22,19 @@ from qcompile.smollm2 import load_smollm2
 
 
 @torch.no_grad()
-def measure(name, model, fwd, tokens, prompt512, repeats, warm_decode=3):
+def measure(name, model, fwd, tokens, prompt512, repeats):
     reports_before = len(qcompile.compiled_reports())
-    t0 = time.perf_counter()
-    fwd(prompt512)  # first call compiles the prefill graph
-    first_call = time.perf_counter() - t0
-    prefill = median_ms(lambda: fwd(prompt512), repeats)
-
-    def decode_setup():
-        cache = DynamicCache(config=model.config)
-        fwd(prompt512[:, :256], past_key_values=cache, use_cache=True)
-        return cache
-
-    cache = decode_setup()
-    tok = prompt512[:, 256:257]
-    t0 = time.perf_counter()
-    for _ in range(warm_decode):  # static, then dynamic-length decode graphs
-        fwd(tok, past_key_values=cache, use_cache=True)
-    first_call += time.perf_counter() - t0
-    decode = []
-    for _ in range(max(repeats, 10)):
-        t0 = time.perf_counter()
-        fwd(tok, past_key_values=cache, use_cache=True)
-        decode.append(time.perf_counter() - t0)
+    row = latency(model, fwd, prompt512, repeats)
     ppl = perplexity(fwd, tokens)
     reports = qcompile.compiled_reports()[reports_before:]
     passes = sum(r.pass_seconds for r in reports)
     return {
         "name": name,
-        "prefill_ms": prefill,
-        "decode_ms": statistics.median(decode) * 1e3,
+        "prefill_ms": row["prefill_ms"],
+        "decode_ms": row["decode_ms"],
         "ppl": ppl,
         "pass_s": passes if reports else None,
-        "first_call_s": first_call,
+        "first_call_s": row["compile_s"],
     }
 
 

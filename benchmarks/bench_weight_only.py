@@ -59,11 +59,6 @@ def recipe_options(bits: int, group: int, gptq: bool, model) -> dict:
     return {"recipe": recipe, "overrides": overrides}
 
 
-def parse_recipe(recipe: str) -> tuple[int, int, bool]:
-    head, _, rest = recipe.partition("a16-g")
-    return int(head[1:]), int(rest.split("-")[0]), recipe.endswith("-gptq")
-
-
 def label(bits, group, gptq) -> str:
     g = "g128*" if group == 128 else f"g{group}"
     mark = " (Q4_1 grid)" if group == 32 and bits == 4 else ""
@@ -180,7 +175,6 @@ def print_table(rows, fp_bytes, args) -> None:
     for r in rows:
         delta = "" if r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%"
         bpw = f"{r['bpw']:.2f}" if "bpw" in r else ""
-        lat = ""
         if "prefill_ms" in r:
             lat = (f"{r['prefill_ms']:>10.1f} {base['prefill_ms'] / r['prefill_ms']:>5.2f} "
                    f"{r['decode_ms']:>9.2f} {base['decode_ms'] / r['decode_ms']:>5.2f}")  # fmt: skip

@@ -54,11 +54,7 @@ def int8_linear_channels_major(q, x_scale, w_q, w_scale, bias, addend, out_dtype
     """
     lead = q.shape[:-1]
     n = w_q.shape[0]
-    q2 = q.reshape(-1, q.shape[-1])
-    if q2.shape[-1] == 1:
-        acc_t = w_q.to(torch.int32) * q2.to(torch.int32).t()
-    else:
-        acc_t = torch._int_mm(w_q.contiguous(), q2.t())  # [N, M]
+    acc_t = int8_matmul_int32(w_q, q.reshape(-1, q.shape[-1]))  # W_q Q^T: [N, M]
     wide = epilogue_dtype(out_dtype)
     out = acc_t.to(wide) * x_scale.reshape(1, -1) * w_scale.reshape(-1, 1)
     if bias is not None:

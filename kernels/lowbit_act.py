@@ -238,7 +238,7 @@ def block_rotate_cpu(
     ``compute_dtype=torch.bfloat16`` runs the block products on bf16 operands (fp32
     accumulation in oneDNN; AMX where the CPU has it): the transformed activations are
     then within about 2^-8 relative of the fp32 ones, well inside a 4- or 6-bit
-    quantization step; ``lower`` chooses it (``options["online_transform"]``).
+    quantization step; ``lower`` chooses it (``options["cpu_transform_dtype"]``).
     Measured (SmolLM2 shapes, M = 512, blocks of 64, 1 thread, one block product):
     K = 576 0.52 ms with the untransposed blocks read through a view, 0.25 ms
     contiguous fp32, 0.10 ms bf16; K = 1536 1.57, 0.68 and 0.39 ms.

@@ -11,9 +11,10 @@ Postcondition:
     ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
     runs the permutation as a row gather, with its matrices transposed and in the
     operand dtype of :func:`cpu_transform_dtype`: bf16 for <= 6-bit activations on a
-    CPU with native bf16 matmuls, by default; the int8 linears that produce a block path's input through elementwise ops compute
-    it channels-major, ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op (data-dependent
-    columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
+    CPU with native bf16 matmuls, by default; the int8 linears that produce its input
+    through elementwise ops compute it channels-major,
+    ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op
+    (data-dependent columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
     kernel (bf16 activations inside);
   * target ``triton``: ``quantize_rows``, ``int8_linear`` and ``dequant_linear`` become

@@ -7,13 +7,13 @@ Registered under the entry-point group ``torch_dynamo_backends`` (pyproject), so
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 
 import torch
 from torch import fx
 
 from . import artifacts
+from .context import SOURCE_ROOT
 from .options import Options
 from .pipeline import run_pipeline
 
@@ -82,7 +82,7 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
 def _frame_root(source_name: str):
     """The module the graph's frame calls its parameters through (``L['self']``, or
     ``L['args'][0]`` for a deep-copied HF model)."""
-    m = re.match(r"^L\['([^']+)'\](?:\[(\d+)\])?", source_name)
+    m = SOURCE_ROOT.match(source_name)
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 

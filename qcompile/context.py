@@ -88,18 +88,19 @@ class PassContext:
         return next((s for s in self.sites if s.fqn == fqn and s.node is node), None)
 
 
-# ``L['self']``, or ``L['args'][0]`` when the module reaches the frame positionally
-# (a deep-copied Hugging Face model: its forward wrapper takes ``*args``)
-_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])?")
+#: the frame's root module in a dynamo source name: ``L['self']``, or ``L['args'][0]``
+#: when the module reaches the frame positionally (a deep-copied Hugging Face model: its
+#: forward wrapper takes ``*args``); groups: the local's name, the index
+SOURCE_ROOT = re.compile(r"^L\['([^']+)'\](?:\[(\d+)\])?")
 
 
 def fqn_from_source(source_name: str) -> str | None:
     """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight``.
 
-    The root local may have any name, and be indexed (``L['args'][0]``) (``self``, ``fn`` for a compiled
-    ``nn.Sequential``, a forward whose receiver is not called ``self``).
+    The root local may have any name (``self``, ``fn`` for a compiled ``nn.Sequential``,
+    a forward whose receiver is not called ``self``) and be indexed (``L['args'][0]``).
     """
-    root = _ROOT.match(source_name)
+    root = SOURCE_ROOT.match(source_name)
     if root is None:
         return None
     rest = source_name[root.end() :]
@@ -122,7 +123,7 @@ def module_fqn_from_stack(node: fx.Node) -> tuple[str, type] | None:
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
-    root = _ROOT.match(path)
+    root = SOURCE_ROOT.match(path)
     if root is None:
         return None
     path = path[root.end() :].lstrip(".")
