@@ -41,6 +41,7 @@ Returns the number of nodes lowered (merged duplicates included).
 from __future__ import annotations
 
 import operator
+import warnings
 from functools import partial
 
 import torch
@@ -82,7 +83,8 @@ def lowering_table(target: str) -> dict:
 
 def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
     table = lowering_table(ctx.target)
-    lowered = fuse_lowbit_triton(gm, ctx) if ctx.target == "triton" else 0
+    fuse = fuse_lowbit_triton if ctx.target == "triton" else fuse_lowbit_cpu
+    lowered = fuse(gm, ctx)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -108,17 +110,7 @@ def fuse_lowbit_triton(gm: fx.GraphModule, ctx: PassContext | None = None) -> in
 
     graph = gm.graph
     lowbit = torch.ops.lowbit
-    rewrites = 0
-    quantize: dict[tuple, fx.Node] = {}  # (input, bits) -> the first quantize_rows_bits
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is lowbit.quantize_rows_bits.default:
-            key = (node.args[0], node.args[1])
-            if key in quantize:  # same input, same bits: the same codes
-                node.replace_all_uses_with(quantize[key])
-                graph.erase_node(node)
-                rewrites += 1
-            else:
-                quantize[key] = node
+    quantize, rewrites = _merge_quantizations(graph)
 
     operands: dict[fx.Node, tuple | None] = {}  # block_rotate -> fused operands
     packed: dict[fx.Node, fx.Node] = {}  # int8 weight constant -> its packed int4 copy
@@ -146,15 +138,98 @@ def fuse_lowbit_triton(gm: fx.GraphModule, ctx: PassContext | None = None) -> in
             site = sites.get(lin)
             if site is not None:  # 4-bit codes plus a float32 scale per output row
                 site.bits_per_weight = 4 + 32 / site.in_features
+    _drop_fused_rotations(gm, rotations)
+    gm.recompile()
+    return rewrites
+
+
+def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """CPU target: identical ``quantize_rows_bits`` nodes merged, and each one reading a
+    ``block_rotate`` (blocks up to ``cpu_lowbit.MAX_FUSED_BLOCK``) becomes
+    ``lowbit::rotate_quantize_rows_bits_cpu`` with the transform's operands prepared here
+    in the operand dtype of :func:`cpu_transform_dtype`. Where the kernel cannot be built
+    (no C++ compiler) nothing is fused and a warning says so. Returns the number of nodes
+    rewritten or merged."""
+    from qcompile.kernels import cpu_lowbit
+
+    graph = gm.graph
+    quantize, rewrites = _merge_quantizations(graph)
+    sites = [(x, bits, qn) for (x, bits), qn in quantize.items() if _is_block_rotate(x)]
+    if not sites:
+        return rewrites
+    try:
+        cpu_lowbit.library()
+    except Exception as exc:  # noqa: BLE001  (any build failure: keep the unfused kernels)
+        warnings.warn(
+            f"lowbit: the fused CPU transform kernel could not be built ({type(exc).__name__}); "
+            "the online transforms run unfused (same results, slower). Install a C++ compiler "
+            "(the one torch.compile uses) to fuse them.",
+            stacklevel=2,
+        )
+        return rewrites
+    operands: dict[fx.Node, tuple | None] = {}  # block_rotate -> kernel operands
+    rotations = set()
+    for x, bits, qn in sites:
+        dtype = _activation_dtype(x, qn)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            continue
+        rotations.add(x)
+        if x not in operands:
+            operands[x] = _cpu_rotation_constants(gm, x, ctx, cpu_lowbit)
+        if operands[x] is None:
+            continue
+        *consts, amx = operands[x]
+        qn.target = torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
+        qn.args = (x.args[0], *consts, bits, amx)
+        rewrites += 1
+    _drop_fused_rotations(gm, rotations)
+    gm.recompile()
+    return rewrites
+
+
+def _cpu_rotation_constants(gm: fx.GraphModule, rot: fx.Node, ctx, cpu_lowbit) -> tuple | None:
+    """get_attr nodes ``(blocks, tail, perm, blocks2, tail2)`` and the ``amx`` flag of the
+    fused CPU kernel for ``rot``; None when its blocks are too large to fuse."""
+    mats = [None if a is None else getattr(gm, a.target) for a in rot.args[1:]]
+    if not cpu_lowbit.fusable(mats[0], mats[3]):
+        return None
+    ops = cpu_lowbit.prepare(*mats, dtype=cpu_transform_dtype(rot, ctx))
+    tag = f"lowbit_rotate_{rot.meta.get('lowbit.rotate', rot.name)}_cpu"
+    names = ("r1", "r1_tail", "perm", "r2", "r2_tail")
+    tensors = (ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2)
+    nodes = [
+        None if t is None else add_constant(gm, f"{tag}_{name}", t, rot)
+        for name, t in zip(names, tensors)
+    ]
+    return (*nodes, ops.amx)
+
+
+def _merge_quantizations(graph: fx.Graph) -> tuple[dict[tuple, fx.Node], int]:
+    """Merge ``quantize_rows_bits`` nodes with the same input and bits (q/k/v read one
+    input): ``({(input, bits): node}, number merged)``."""
+    quantize: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.lowbit.quantize_rows_bits.default:
+            key = (node.args[0], node.args[1])
+            if key in quantize:  # same input, same bits: the same codes
+                node.replace_all_uses_with(quantize[key])
+                graph.erase_node(node)
+                merged += 1
+            else:
+                quantize[key] = node
+    return quantize, merged
+
+
+def _drop_fused_rotations(gm: fx.GraphModule, rotations) -> None:
+    """Erase the ``block_rotate`` nodes nothing reads any more, and their constants."""
     for rot in rotations:
-        if not rot.users:  # fully fused: drop it and its constants
+        if not rot.users:
             consts = [a for a in rot.args[1:] if isinstance(a, fx.Node)]
-            graph.erase_node(rot)
+            gm.graph.erase_node(rot)
             for c in consts:
                 if not c.users:
                     drop_constant(gm, c)
-    gm.recompile()
-    return rewrites
 
 
 def _is_block_rotate(node) -> bool:

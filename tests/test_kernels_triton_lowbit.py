@@ -338,52 +338,83 @@ def _run(traced, options):
     return traced.call(fn), ops
 
 
-def _transform_dtypes(traced, options) -> tuple[torch.Tensor, set]:
-    """Logits and what the lowered graph's online transforms run as: ``{operand dtype}``
-    plus the sites whose int8 linears compute channels-major."""
+def _cpu_transforms(traced, options) -> tuple[torch.Tensor, Counter]:
+    """Logits and how the lowered graph's online transforms run on the cpu target:
+    ``("fused", "amx" | "fp32")`` per fused kernel, ``("unfused", operand dtype)`` per
+    ``block_rotate_cpu``, and ``"channels-major"`` per int8 linear computing its output
+    channels-major."""
     from qcompile.backend import lowbit_backend
     from qcompile.kernels.cpu_int8 import int8_linear_channels_major
     from qcompile.kernels.lowbit_act import block_rotate_cpu
 
     fn = lowbit_backend(traced.fresh(), traced.inputs, options={"handoff": "eager", **options})
-    kinds = set()
+    kinds = Counter()
     for n in fn.__self__.graph.nodes:
-        if n.target is block_rotate_cpu:
-            kinds.add(n.args[-1])
+        if n.target is torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default:
+            kinds["fused", "amx" if n.args[-1] else "fp32"] += 1
+        elif n.target is block_rotate_cpu:
+            kinds["unfused", n.args[-1]] += 1
         elif n.target is int8_linear_channels_major:
-            kinds.add(n.meta["lowbit.site"])
+            kinds["channels-major"] += 1
     return traced.call(fn), kinds
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_cpu_online_transform_dtype(tiny, monkeypatch):
-    """W4A4 / W6A6 transforms run on bf16 operands on a CPU with native bf16 matmuls
-    (the error against the fp model within 10% of fp32 operands'); W4A8 and 'activation'
-    keep fp32; 'bfloat16' forces it. down_proj's input ``silu(gate) * up`` is copied
-    channels-major, so gate_proj and up_proj compute their outputs in that layout."""
-    from qcompile.lowering import lower
+def test_cpu_fused_transform_operands(tiny):
+    """Every online transform is fused with its quantization (one kernel per input node:
+    q/k/v and gate/up share one). W4A4 / W6A6 multiply bf16 operands on AMX where the CPU
+    has it (the error against the fp model within 10% of fp32 operands'); W4A8 and
+    'activation' keep fp32 operands; 'bfloat16' asks for AMX."""
+    from qcompile.kernels import cpu_lowbit
     from qcompile.lowering.lower import _cpu_has_native_bf16
 
     spec, cal, traced = tiny
-    base = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16}}
-    mlp = {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
-    out32, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "activation"})
-    assert kinds == {torch.float32, *mlp}
-    out16, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
-    assert kinds == {torch.bfloat16, *mlp}
-    # bf16 rounding moves some codes by one step; the model's error stays that of W4A4
+    groups = 4 * spec.layers + 1
+    base = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 32}}
+    out32, kinds = _cpu_transforms(traced, {**base, "cpu_transform_dtype": "activation"})
+    assert kinds == {("fused", "fp32"): groups}
+    amx = cpu_lowbit.amx_available()
+    out16, kinds = _cpu_transforms(traced, {**base, "cpu_transform_dtype": "bfloat16"})
+    assert kinds == {("fused", "amx" if amx else "fp32"): groups}
+    if amx:  # bf16 rounding moves some codes by one step; the error stays that of W4A4
+        assert not torch.equal(out16, out32)
+        assert rel_err(out16, traced.eager) < 1.1 * rel_err(out32, traced.eager)
+    native = "amx" if amx and _cpu_has_native_bf16() else "fp32"
+    assert _cpu_transforms(traced, base)[1] == {("fused", native): groups}
+    w6 = {**base, "recipe": "w6a6-duquant"}
+    assert _cpu_transforms(traced, w6)[1] == {("fused", native): groups}
+    w4a8 = {**base, "recipe": "w4a8-duquant"}
+    assert _cpu_transforms(traced, w4a8)[1] == {("fused", "fp32"): groups}
+    assert rel_err(out32, traced.eager) < 0.5  # a sane W4A4 model
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_cpu_unfused_transform_dtype(tiny, monkeypatch):
+    """Blocks over the fused kernel's limit run as ``block_rotate_cpu`` (bf16 operands on
+    request) and agree with the fused kernel; down_proj's input ``silu(gate) * up`` is
+    then copied channels-major, so gate_proj and up_proj compute their outputs in that
+    layout (or not, with ``CHANNELS_MAJOR_PRODUCERS`` off: same result)."""
+    from qcompile.kernels import cpu_lowbit
+    from qcompile.lowering import lower
+
+    spec, cal, traced = tiny
+    groups = 4 * spec.layers + 1
+    base = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16},
+            "cpu_transform_dtype": "activation"}  # fmt: skip
+    fused, kinds = _cpu_transforms(traced, base)
+    assert kinds == {("fused", "fp32"): groups}
+    monkeypatch.setattr(cpu_lowbit, "MAX_FUSED_BLOCK", 8)
+    out32, kinds = _cpu_transforms(traced, base)
+    assert kinds == {("unfused", torch.float32): groups, "channels-major": 2 * spec.layers}
+    assert rel_err(out32, fused) < 1e-3  # the same sums in another order
+    out16, kinds = _cpu_transforms(traced, {**base, "cpu_transform_dtype": "bfloat16"})
+    assert kinds == {("unfused", torch.bfloat16): groups, "channels-major": 2 * spec.layers}
     assert not torch.equal(out16, out32)
     assert rel_err(out16, traced.eager) < 1.1 * rel_err(out32, traced.eager)
-    with monkeypatch.context() as m:
-        m.setattr(lower, "CHANNELS_MAJOR_PRODUCERS", False)
-        out_rows, kinds = _transform_dtypes(traced, {**base, "cpu_transform_dtype": "bfloat16"})
-    assert kinds == {torch.bfloat16}
+    monkeypatch.setattr(lower, "CHANNELS_MAJOR_PRODUCERS", False)
+    out_rows, kinds = _cpu_transforms(traced, {**base, "cpu_transform_dtype": "bfloat16"})
+    assert kinds == {("unfused", torch.bfloat16): groups}
     torch.testing.assert_close(out_rows, out16, rtol=1e-5, atol=1e-5)
-    native = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    assert _transform_dtypes(traced, base)[1] == {native, *mlp}
-    assert _transform_dtypes(traced, {**base, "recipe": "w6a6-duquant"})[1] == {native, *mlp}
-    w4a8 = {**base, "recipe": "w4a8-duquant"}
-    assert _transform_dtypes(traced, w4a8)[1] == {torch.float32, *mlp}
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
@@ -400,10 +431,8 @@ def test_w4a4_duquant_triton_target_matches_cpu_target(tiny):
     assert ops["lowbit.int4_linear_triton.default"] == sites
     assert not {"block_rotate", "lowbit.int8_linear_triton.default"} & set(ops)
     assert "lowbit.quantize_rows_bits.default" not in ops
-    assert ops_cpu["block_rotate_cpu"] == groups
-    # gate/up feed down_proj's channels-major transform: they compute channels-major
-    assert ops_cpu["int8_linear_channels_major"] == 2 * spec.layers
-    assert ops_cpu["int8_linear"] + ops_cpu["int8_linear_channels_major"] == sites
+    assert ops_cpu["lowbit.rotate_quantize_rows_bits_cpu.default"] == groups
+    assert ops_cpu["int8_linear"] == sites
     assert all(4 < row.bits_per_weight < 5 for row in report.sites)  # packed int4 + scales
     # exact integer GEMMs on both targets; the fused transform sums in another order
     assert rel_err(out, out_cpu) < 1e-3

@@ -1,0 +1,135 @@
+"""The fused CPU transform + quantization kernel (kernels/cpu_lowbit.py) against its
+reference ``lowbit_act.rotate_quantize_rows_bits`` (issue 3), on ragged shapes: token
+counts that are not a multiple of the 16-row tile (decode's single token included),
+remainder blocks, each stage optional, bits 4 / 6 / 8, several leading dimensions.
+
+* fp32 operands: the reference's products summed in another order, so scales within
+  float32 rounding and a code differs only where the exact value (float64) lies within
+  1e-4 of a rounding boundary;
+* bf16 operands on AMX (only where the CPU has AMX-BF16): the reference computed on the
+  same bf16-rounded operands in float64; codes within one step, scales within 1e-3;
+* exact sums (small-integer activations, blocks with entries in {-1, 0, 1}): codes and
+  scales bit-exact in both modes.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompile.kernels import cpu_lowbit
+from qcompile.kernels import lowbit_act as la
+from qcompile.transforms import random_orthogonal
+
+
+def _transform(k, block, seed, second=True, permute=True, exact=False):
+    """(blocks, tail, perm, blocks2, tail2) of a block transform over K = k."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [min(block, k - i) for i in range(0, k, block)]
+
+    def matrix(offset):
+        if exact:  # signed permutation blocks: every sum exact
+            mats = [torch.eye(b)[torch.randperm(b, generator=g)] for b in sizes]
+            mats = [m * (torch.randint(0, 2, (b, 1), generator=g) * 2 - 1) for m, b in zip(mats, sizes)]
+        else:
+            mats = [random_orthogonal(b, seed=offset + i).float() for i, b in enumerate(sizes)]
+        return la.split_blocks(torch.block_diag(*mats), block)
+
+    b1, t1 = matrix(seed)
+    b2, t2 = matrix(seed + 50) if second else (None, None)
+    perm = torch.randperm(k, generator=g) if permute else None
+    return b1, t1, perm, b2, t2
+
+
+def _fused(x, transform, bits, dtype):
+    ops = cpu_lowbit.prepare(*transform, dtype=dtype)
+    q, s = torch.ops.lowbit.rotate_quantize_rows_bits_cpu(
+        x, ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2, bits, ops.amx
+    )
+    return q, s, ops.amx
+
+
+def _near_boundary(x64, transform, bits) -> torch.Tensor:
+    """Where the exact scaled value lies within 1e-4 of a rounding boundary k + 1/2."""
+    y = la.block_rotate(x64, *(None if t is None else t.double() if t.is_floating_point() else t for t in transform))
+    scaled = y * (la.qmax_for(bits) / y.abs().amax(-1, keepdim=True))
+    return ((scaled - scaled.floor()) - 0.5).abs() < 1e-4
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.sampled_from([0, 1, 5, 16, 17, 40]),
+    k=st.sampled_from([24, 40, 70, 96, 128]),
+    block=st.sampled_from([16, 32, 64]),
+    bits=st.sampled_from([4, 6, 8]),
+    second=st.booleans(),
+    permute=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_fp32_matches_reference(m, k, block, bits, second, permute, seed):
+    transform = _transform(k, block, seed, second, permute)
+    x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(seed)) * 3
+    q, s, amx = _fused(x, transform, bits, torch.float32)
+    q_ref, s_ref = la.rotate_quantize_rows_bits(x, *transform, bits)
+    assert not amx and q.shape == q_ref.shape and s.shape == s_ref.shape == (2, m, 1)
+    torch.testing.assert_close(s, s_ref, rtol=4e-7 * k, atol=0)
+    differ = q != q_ref
+    assert ((q.int() - q_ref.int()).abs() <= 1).all()
+    assert not (differ & ~_near_boundary(x.double(), transform, bits)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,block", [(70, 32), (96, 64), (128, 128)])
+def test_exact_sums_are_bit_exact(k, block, dtype):
+    """Signed permutation blocks and small integers: every product and sum is exact in
+    bf16 and fp32, so both modes equal the reference bit for bit."""
+    transform = _transform(k, block, seed=k, exact=True)
+    x = torch.randint(-20, 21, (33, k), generator=torch.Generator().manual_seed(k)).float()
+    for bits in (4, 6, 8):
+        q, s, _ = _fused(x, transform, bits, dtype)
+        q_ref, s_ref = la.rotate_quantize_rows_bits(x, *transform, bits)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.skipif(not cpu_lowbit.amx_available(), reason="bf16 operands run on AMX-BF16 only")
+@pytest.mark.parametrize("m,k,block", [(1, 96, 32), (37, 100, 32), (512, 576, 64), (20, 200, 64)])
+def test_amx_bf16_matches_bf16_reference(m, k, block):
+    transform = _transform(k, block, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+
+    def bf16(t):
+        return t if t is None or not t.is_floating_point() else t.bfloat16().double()
+
+    b1, t1, perm, b2, t2 = transform
+    y = la.block_rotate(bf16(x), bf16(b1), t1.double() if t1 is not None else None, perm)
+    y = la.block_rotate(bf16(y.float()), bf16(b2), t2.double() if t2 is not None else None)
+    for bits in (4, 6):
+        q, s, amx = _fused(x, transform, bits, torch.bfloat16)
+        q_ref, s_ref = la.quantize_rows_bits(y, bits)
+        assert amx
+        torch.testing.assert_close(s, s_ref.float(), rtol=1e-3, atol=0)
+        assert (q.int() - q_ref.int()).abs().max() <= 1
+        assert (q != q_ref).float().mean() < 0.01
+
+
+def test_bf16_request_without_amx_blocks_runs_fp32():
+    """Blocks that are not a multiple of 32 channels cannot use AMX: fp32 operands."""
+    transform = _transform(40, 16, seed=3)
+    x = torch.randn(9, 40)
+    q, s, amx = _fused(x, transform, 4, torch.bfloat16)
+    assert not amx
+    assert torch.equal(q, _fused(x, transform, 4, torch.float32)[0])
+
+
+def test_operand_errors_are_clear():
+    transform = _transform(40, 16, seed=1)
+    ops = cpu_lowbit.prepare(*transform, dtype=torch.float32)
+    x = torch.randn(3, 40)
+    with pytest.raises(ValueError, match="do not cover K"):
+        cpu_lowbit.rotate_quantize_rows_bits_cpu(x[:, :32], ops.blocks, ops.tail, None, None, None, 4, False)
+    with pytest.raises(ValueError, match="perm must be int32"):
+        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, transform[2], None, None, 4, False)
+    with pytest.raises(ValueError, match="do not match `amx`"):
+        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, ops.perm, None, None, 4, True)
+    with pytest.raises(ValueError, match="bit width"):
+        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, ops.perm, None, None, 9, False)
