@@ -22,10 +22,19 @@ __all__ = ["quantize_rows", "int8_linear", "int8_linear_channels_major", "int8_m
 
 
 def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """``q[M, K] @ w_q[N, K]^T`` accumulated in int32 by oneDNN."""
-    if q.shape[-1] == 1:  # oneDNN's _int_mm returns uninitialised memory for K == 1
+    """``q[M, K] @ w_q[N, K]^T`` accumulated in int32 by oneDNN.
+
+    oneDNN's ``_int_mm`` returns uninitialised memory for ``K == 1``, and for ``M == 1``
+    when the row stride is 0 (which ``is_contiguous`` accepts for a size-1 dimension and
+    inductor emits for one-token decode): the operand is viewed with its row stride set
+    to ``K`` (the same elements; tests/test_lowering.py checks one-token decode).
+    """
+    if q.shape[-1] == 1:
         return q.to(torch.int32) * w_q.to(torch.int32).t()
-    return torch._int_mm(q.contiguous(), w_q.t())
+    q = q.contiguous()
+    q = q.as_strided(q.shape, (q.shape[1], 1))
+    a = w_q.t()
+    return torch._int_mm(q, a.as_strided(a.shape, (1, a.shape[0])))
 
 
 def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):

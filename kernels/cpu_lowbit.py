@@ -15,9 +15,11 @@ the block matrices to bf16 and multiplies them with AMX tiles accumulating in fp
 same numerics as ``block_rotate_cpu`` on bf16 operands). bf16 needs a CPU with AMX-BF16
 (``amx_available``) and blocks of a multiple of 32 channels; remainder blocks are fp32.
 
-The C++ source is compiled on first use by inductor's C++ builder (its compiler flags for
-this CPU; cached on disk across processes, like inductor's own kernels): a few seconds
-once per machine.
+The op's schema and fake are defined here; its CPU implementation is C++ registered with
+the dispatcher (so a call costs no Python: a decode step makes one per input node), built
+on first use by inductor's C++ builder (its compiler flags for this CPU; cached on disk
+across processes, like inductor's own kernels: about 15 s once per machine) and loaded by
+:func:`library`, which the lowering calls before it inserts the op.
 """
 
 from __future__ import annotations
@@ -30,29 +32,38 @@ from pathlib import Path
 import torch
 
 from .lowbit_act import qmax_for
-from .reference import EPS
 
 __all__ = ["CpuRotation", "amx_available", "library", "prepare", "rotate_quantize_rows_bits_cpu"]
 
 _SOURCE = Path(__file__).with_name("cpu_rotate_quantize.cpp")
 #: block sizes the fused kernel multiplies with vector FMAs or AMX (larger: not fused)
 MAX_FUSED_BLOCK = 256
-_P = ctypes.c_void_p
-_I = ctypes.c_int
-_L = ctypes.c_long
+
+torch.library.define(
+    "lowbit::rotate_quantize_rows_bits_cpu",
+    "(Tensor x, Tensor? blocks, Tensor? tail, Tensor? perm, Tensor? blocks2, Tensor? tail2, "
+    "int bits, bool amx) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("lowbit::rotate_quantize_rows_bits_cpu")
+def _(x, blocks, tail, perm, blocks2, tail2, bits, amx):
+    qmax_for(bits)
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
 
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernel (built on first call; raises inductor's CppCompileError)."""
+    """Build (first call on a machine) and load the C++ implementation, registering it
+    for ``lowbit::rotate_quantize_rows_bits_cpu``; raises inductor's CppCompileError
+    where it cannot be built."""
     from torch._inductor.codecache import CppCodeCache
 
     lib = CppCodeCache.load(_SOURCE.read_text())
-    fn = lib.lowbit_rotate_quantize_rows
-    fn.argtypes = [_P, _L, _L, _P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I,
-                   ctypes.c_float, _P, _P, _I]  # fmt: skip
-    fn.restype = None
-    lib.lowbit_built_with_amx.restype = _I
+    lib.lowbit_built_with_amx.restype = ctypes.c_int
     return lib
 
 
@@ -64,7 +75,7 @@ def amx_available() -> bool:
 
 @dataclass(frozen=True)
 class CpuRotation:
-    """A transform's matrices as the kernel takes them (see :func:`prepare`)."""
+    """A transform's operands as the kernel takes them (see :func:`prepare`)."""
 
     blocks: torch.Tensor | None
     tail: torch.Tensor | None
@@ -114,72 +125,10 @@ def prepare(blocks, tail, perm, blocks2, tail2, dtype: torch.dtype) -> CpuRotati
     )
 
 
-def _sizes(blocks, tail) -> tuple[int, int, int]:
-    # [nb, b, b] fp32 or [nb, b / 2, b, 2] bf16 pairs: b is dimension 2 of both
-    nb, bs = (0, 0) if blocks is None else (blocks.shape[0], blocks.shape[2])
-    return nb, bs, 0 if tail is None else tail.shape[0]
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
-
-
-def rotate_quantize_rows_bits_cpu(
-    x: torch.Tensor,
-    blocks: torch.Tensor | None,
-    tail: torch.Tensor | None,
-    perm: torch.Tensor | None,
-    blocks2: torch.Tensor | None,
-    tail2: torch.Tensor | None,
-    bits: int,
-    amx: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q int8 [..., K], scale float32 [..., 1])``; operands from :func:`prepare`."""
-    qmax = qmax_for(bits)
-    k = x.shape[-1]
-    lead = x.shape[:-1]
-    xf = x.reshape(-1, k).to(torch.float32).contiguous()
-    m = xf.shape[0]
-    nb1, bs1, r1 = _sizes(blocks, tail)
-    nb2, bs2, r2 = _sizes(blocks2, tail2)
-    for nb, bs, r in ((nb1, bs1, r1), (nb2, bs2, r2)):
-        if (nb or r) and nb * bs + r != k:
-            raise ValueError(f"blocks of {nb} x {bs} + {r} channels do not cover K = {k}")
-    for b in (blocks, blocks2):
-        if b is not None and b.dtype != (torch.bfloat16 if amx else torch.float32):
-            raise ValueError("block operands do not match `amx` (see cpu_lowbit.prepare)")
-    if perm is not None and (perm.dtype != torch.int32 or perm.numel() != k):
-        raise ValueError("perm must be int32 with K entries (see cpu_lowbit.prepare)")
-    q = torch.empty((m, k), dtype=torch.int8)
-    scale = torch.empty((m, 1), dtype=torch.float32)
-    if m:
-        library().lowbit_rotate_quantize_rows(
-            xf.data_ptr(), m, k, _ptr(blocks), nb1, bs1, _ptr(tail), r1, _ptr(perm),
-            _ptr(blocks2), nb2, bs2, _ptr(tail2), r2, int(amx), qmax, EPS,
-            q.data_ptr(), scale.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return q.reshape(*lead, k), scale.reshape(*lead, 1)
-
-
-@torch.library.custom_op("lowbit::rotate_quantize_rows_bits_cpu", mutates_args=())
-def _rotate_quantize_rows_bits_cpu_op(
-    x: torch.Tensor,
-    blocks: torch.Tensor | None,
-    tail: torch.Tensor | None,
-    perm: torch.Tensor | None,
-    blocks2: torch.Tensor | None,
-    tail2: torch.Tensor | None,
-    bits: int,
-    amx: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused CPU kernel as one graph node; see :func:`rotate_quantize_rows_bits_cpu`."""
-    return rotate_quantize_rows_bits_cpu(x, blocks, tail, perm, blocks2, tail2, bits, amx)
-
-
-@_rotate_quantize_rows_bits_cpu_op.register_fake
-def _(x, blocks, tail, perm, blocks2, tail2, bits, amx):
-    qmax_for(bits)
-    return (
-        torch.empty(x.shape, dtype=torch.int8, device=x.device),
-        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+def rotate_quantize_rows_bits_cpu(x: torch.Tensor, ops: CpuRotation, bits: int):
+    """``(q int8 [..., K], scale float32 [..., 1])`` of ``x`` under the transform ``ops``
+    (from :func:`prepare`), through the op (building it if needed)."""
+    library()
+    return torch.ops.lowbit.rotate_quantize_rows_bits_cpu(
+        x, ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2, bits, ops.amx
     )

@@ -12,14 +12,19 @@
 // Remainder blocks (T1, T2) always take the fp32 path. The quantization is the
 // reference's: absmax clamped below by eps, codes round-half-even(y * (qmax / absmax))
 // clamped to [-qmax, qmax], scale absmax / qmax.
-// Built and loaded by qcompile.kernels.cpu_lowbit (inductor's C++ builder and cache).
+// The CPU implementation of the op lowbit::rotate_quantize_rows_bits_cpu (its schema and
+// fake are defined in Python); built and loaded by qcompile.kernels.cpu_lowbit with
+// inductor's C++ builder and cache. A C++ op, so a decode step's call costs no Python.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
+#include <optional>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -218,6 +223,153 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
 }
 }  // namespace
 
+namespace {
+struct Args {
+  const float* x;
+  long m, k;
+  const void* blocks1;
+  int nb1, bs1;
+  const float* tail1;
+  int r1;
+  const int32_t* perm;
+  const void* blocks2;
+  int nb2, bs2;
+  const float* tail2;
+  int r2, amx, qmax;
+  float eps;
+  int8_t* q;
+  float* scale;
+};
+
+// one thread's share: tiles [t0, t1) with its own buffers
+void run_tiles(const Args& a, long t0, long t1) {
+  const long k = a.k;
+  float* buf_a = new float[TILE * k];
+  float* buf_b = new float[TILE * k];
+  uint16_t* buf_h = new uint16_t[TILE * k];
+#ifdef LOWBIT_AMX
+  if (a.amx) amx_configure();
+#endif
+  for (long t = t0; t < t1; ++t) {
+    const long row0 = t * TILE;
+    const int rows = (int)std::min<long>(TILE, a.m - row0);
+    const float* cur = a.x + row0 * k;
+    float* out = buf_a;
+    float* spare = buf_b;
+    if (a.nb1 || a.r1) {
+      stage(cur, out, buf_h, rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
+      cur = out;
+      std::swap(out, spare);
+    }
+    if (a.perm) {
+      gather_columns(cur, a.perm, out, rows, k);
+      cur = out;
+      std::swap(out, spare);
+    }
+    if (a.nb2 || a.r2) {
+      stage(cur, out, buf_h, rows, k, a.blocks2, a.nb2, a.bs2, a.tail2, a.r2, a.amx);
+      cur = out;
+      std::swap(out, spare);
+    }
+    for (int r = 0; r < rows; ++r)
+      quantize_row(cur + r * k, k, a.qmax, a.eps, a.q + (row0 + r) * k, a.scale + row0 + r);
+  }
+#ifdef LOWBIT_AMX
+  if (a.amx) _tile_release();
+#endif
+  delete[] buf_a;
+  delete[] buf_b;
+  delete[] buf_h;
+}
+
+const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+// (number of full blocks, block size) of a block operand: [nb, b, b] fp32, or [nb, b / 2, b, 2]
+// bf16 pairs when amx; checked
+std::pair<int, int> block_sizes(const std::optional<at::Tensor>& blocks, bool amx,
+                                const char* name) {
+  if (!blocks.has_value()) return {0, 0};
+  const at::Tensor& b = *blocks;
+  const auto want = amx ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(b.scalar_type() == want && b.is_contiguous() && b.dim() == (amx ? 4 : 3),
+              "lowbit: ", name, " must be contiguous ",
+              amx ? "bf16 pairs [nb, b/2, b, 2]" : "fp32 [nb, b, b]",
+              " (prepare them with qcompile.kernels.cpu_lowbit.prepare), got ", b.scalar_type(),
+              " ", b.sizes());
+  const int bs = (int)b.size(2);
+  TORCH_CHECK(amx ? (b.size(1) * 2 == bs && b.size(3) == 2 && bs % 32 == 0) : b.size(1) == bs,
+              "lowbit: ", name, " has shape ", b.sizes(), ", not square blocks",
+              amx ? " of a multiple of 32" : "");
+  return {(int)b.size(0), bs};
+}
+
+int tail_size(const std::optional<at::Tensor>& tail, const char* name) {
+  if (!tail.has_value()) return 0;
+  const at::Tensor& t = *tail;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(0) == t.size(1),
+              "lowbit: ", name, " must be a contiguous square fp32 matrix, got ", t.scalar_type(),
+              " ", t.sizes());
+  return (int)t.size(0);
+}
+
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& blocks,
+    const std::optional<at::Tensor>& tail, const std::optional<at::Tensor>& perm,
+    const std::optional<at::Tensor>& blocks2, const std::optional<at::Tensor>& tail2,
+    int64_t bits, bool amx) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "lowbit: bit width must be an int in [2, 8], got ", bits);
+#ifndef LOWBIT_AMX
+  TORCH_CHECK(!amx, "lowbit: amx=True but this kernel was built without AMX-BF16");
+#endif
+  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "lowbit: x must be a float tensor [..., K]");
+  const int64_t k = x.size(-1);
+  const auto [nb1, bs1] = block_sizes(blocks, amx, "blocks");
+  const auto [nb2, bs2] = block_sizes(blocks2, amx, "blocks2");
+  const int r1 = tail_size(tail, "tail"), r2 = tail_size(tail2, "tail2");
+  for (const auto& [nb, bs, r] : {std::tuple{nb1, bs1, r1}, std::tuple{nb2, bs2, r2}})
+    TORCH_CHECK(!(nb || r) || (int64_t)nb * bs + r == k, "lowbit: blocks of ", nb, " x ", bs,
+                " + ", r, " channels do not cover K = ", k);
+  if (perm.has_value())
+    TORCH_CHECK(perm->scalar_type() == at::kInt && perm->is_contiguous() && perm->numel() == k,
+                "lowbit: perm must be contiguous int32 with K = ", k, " entries, got ",
+                perm->scalar_type(), " ", perm->sizes());
+  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = xf.size(0);
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> scale_sizes = lead;
+  scale_sizes.push_back(1);
+  lead.push_back(k);
+  at::Tensor q = at::empty(lead, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty(scale_sizes, x.options().dtype(at::kFloat));
+  const Args a{xf.data_ptr<float>(),
+               m,
+               k,
+               data_or_null(blocks),
+               nb1,
+               bs1,
+               static_cast<const float*>(data_or_null(tail)),
+               r1,
+               static_cast<const int32_t*>(data_or_null(perm)),
+               data_or_null(blocks2),
+               nb2,
+               bs2,
+               static_cast<const float*>(data_or_null(tail2)),
+               r2,
+               (int)amx,
+               (1 << (bits - 1)) - 1,
+               1e-8f,  // qcompile.kernels.reference.EPS
+               q.data_ptr<int8_t>(),
+               scale.data_ptr<float>()};
+  const int64_t tiles = (m + TILE - 1) / TILE;
+  // one tile per task: decode (one tile) runs inline, without a parallel region
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles(a, t0, t1); });
+  return {q, scale};
+}
+}  // namespace
+
 extern "C" int lowbit_built_with_amx() {
 #ifdef LOWBIT_AMX
   return 1;
@@ -226,54 +378,6 @@ extern "C" int lowbit_built_with_amx() {
 #endif
 }
 
-extern "C" void lowbit_rotate_quantize_rows(const float* x, long m, long k, const void* blocks1,
-                                            int nb1, int bs1, const float* tail1, int r1,
-                                            const int32_t* perm, const void* blocks2, int nb2,
-                                            int bs2, const float* tail2, int r2, int amx,
-                                            int qmax, float eps, int8_t* q, float* scale,
-                                            int threads) {
-#ifndef LOWBIT_AMX
-  amx = 0;
-#endif
-  const long tiles = (m + TILE - 1) / TILE;
-#pragma omp parallel num_threads(threads) if (tiles > 1)
-  {
-    float* buf_a = new float[TILE * k];
-    float* buf_b = new float[TILE * k];
-    uint16_t* buf_h = new uint16_t[TILE * k];
-#ifdef LOWBIT_AMX
-    if (amx) amx_configure();
-#endif
-#pragma omp for schedule(static)
-    for (long t = 0; t < tiles; ++t) {
-      const long row0 = t * TILE;
-      const int rows = (int)std::min<long>(TILE, m - row0);
-      const float* cur = x + row0 * k;
-      float* out = buf_a;
-      float* spare = buf_b;
-      if (nb1 || r1) {
-        stage(cur, out, buf_h, rows, k, blocks1, nb1, bs1, tail1, r1, amx);
-        cur = out;
-        std::swap(out, spare);
-      }
-      if (perm) {
-        gather_columns(cur, perm, out, rows, k);
-        cur = out;
-        std::swap(out, spare);
-      }
-      if (nb2 || r2) {
-        stage(cur, out, buf_h, rows, k, blocks2, nb2, bs2, tail2, r2, amx);
-        cur = out;
-        std::swap(out, spare);
-      }
-      for (int r = 0; r < rows; ++r)
-        quantize_row(cur + r * k, k, qmax, eps, q + (row0 + r) * k, scale + row0 + r);
-    }
-#ifdef LOWBIT_AMX
-    if (amx) _tile_release();
-#endif
-    delete[] buf_a;
-    delete[] buf_b;
-    delete[] buf_h;
-  }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("rotate_quantize_rows_bits_cpu", &rotate_quantize_rows_bits_cpu);
 }

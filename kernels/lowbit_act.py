@@ -19,7 +19,8 @@ For ``b = 8`` these functions equal ``reference.quantize_rows`` /
 its CPU lowering is :func:`quantize_rows_bits` itself (aten ops inductor fuses).
 :func:`block_rotate` is the online part of the DuQuant / Hadamard transforms; the
 ``rotate`` pass inserts it as the custom op ``lowbit::block_rotate`` (one node, so the
-``lower`` pass can match "block_rotate -> quantize_rows_bits"); its CPU lowering is
+``lower`` pass can match "block_rotate -> quantize_rows_bits"); on the CPU the pair
+becomes the fused kernel of ``cpu_lowbit``, and a transform that cannot be fused
 :func:`block_rotate_cpu`, the same aten computation laid out channels-major (batched
 matmuls over the blocks, a gather of whole rows for the permutation; see there why).
 
@@ -221,7 +222,9 @@ def block_rotate_cpu(
     tail2_t: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """:func:`block_rotate` computed channels-major: the CPU lowering of ``lowbit::block_rotate``.
+    """:func:`block_rotate` computed channels-major: the CPU lowering of a ``lowbit::block_rotate``
+    the fused kernel (``cpu_lowbit``) does not take (blocks over its limit, e.g. the
+    Hadamard recipe's ``K x K`` block, or a reader that does not quantize).
 
     The matrices come from :func:`prepare_block_rotate_cpu` (transposed blocks). Same
     products and sums as :func:`block_rotate` (equal up to the float rounding of the

@@ -7,12 +7,17 @@ recipes ``lowbit::quantize_rows_bits`` and the rotate pass's ``lowbit::block_rot
 Postcondition:
   * target ``cpu``: ``quantize_rows`` / ``int8_linear`` become the aten-level functions
     of ``qcompile.kernels.cpu_int8`` (oneDNN ``_int_mm``; inductor fuses the rest);
-    ``quantize_rows_bits`` and ``block_rotate`` their aten functions in
-    ``qcompile.kernels.lowbit_act`` (``block_rotate_cpu``: channels-major, so inductor
-    runs the permutation as a row gather, with its matrices transposed and in the
-    operand dtype of :func:`cpu_transform_dtype`: bf16 for <= 6-bit activations on a
-    CPU with native bf16 matmuls, by default; the int8 linears that produce its input
-    through elementwise ops compute it channels-major,
+    low-bit sites (:func:`fuse_lowbit_cpu`): identical ``quantize_rows_bits`` nodes
+    merged, and each one reading a ``block_rotate`` becomes
+    ``lowbit::rotate_quantize_rows_bits_cpu`` (``kernels.cpu_lowbit``: transform and
+    quantization in one pass, operands in the dtype of :func:`cpu_transform_dtype`:
+    bf16 on AMX for <= 6-bit activations where the CPU has it, by default, else fp32);
+    the rest keep their aten functions in ``qcompile.kernels.lowbit_act``
+    (``quantize_rows_bits`` without a transform; a ``block_rotate`` over
+    ``cpu_lowbit.MAX_FUSED_BLOCK`` channels or read by something else becomes
+    ``block_rotate_cpu``: channels-major, so inductor runs the permutation as a row
+    gather, matrices transposed and in the same operand dtype; the int8 linears that
+    produce its input through elementwise ops then compute it channels-major,
     ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op
     (data-dependent columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
     ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
@@ -210,7 +215,10 @@ def _merge_quantizations(graph: fx.Graph) -> tuple[dict[tuple, fx.Node], int]:
     quantize: dict[tuple, fx.Node] = {}
     merged = 0
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.lowbit.quantize_rows_bits.default:
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.lowbit.quantize_rows_bits.default
+        ):
             key = (node.args[0], node.args[1])
             if key in quantize:  # same input, same bits: the same codes
                 node.replace_all_uses_with(quantize[key])
@@ -315,7 +323,8 @@ def cpu_transform_dtype(node: fx.Node, ctx: PassContext) -> torch.dtype:
     ``auto``: bfloat16 when the CPU multiplies bf16 natively (oneDNN; AMX or avx512_bf16)
     and every reader of the transformed activations quantizes them per token to at most
     ``BF16_TRANSFORM_MAX_ACT_BITS`` bits (W4A4, W6A6; not W4A8, whose 8-bit step is
-    near bf16's rounding); otherwise the activation dtype.
+    near bf16's rounding); otherwise the activation dtype. The fused kernel runs bf16
+    on AMX only (``cpu_lowbit.prepare``: elsewhere its operands stay fp32).
     """
     val = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
     act = val.dtype if isinstance(val, torch.Tensor) else torch.float32

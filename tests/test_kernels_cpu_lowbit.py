@@ -30,7 +30,9 @@ def _transform(k, block, seed, second=True, permute=True, exact=False):
     def matrix(offset):
         if exact:  # signed permutation blocks: every sum exact
             mats = [torch.eye(b)[torch.randperm(b, generator=g)] for b in sizes]
-            mats = [m * (torch.randint(0, 2, (b, 1), generator=g) * 2 - 1) for m, b in zip(mats, sizes)]
+            mats = [
+                m * (torch.randint(0, 2, (b, 1), generator=g) * 2 - 1) for m, b in zip(mats, sizes)
+            ]
         else:
             mats = [random_orthogonal(b, seed=offset + i).float() for i, b in enumerate(sizes)]
         return la.split_blocks(torch.block_diag(*mats), block)
@@ -43,15 +45,15 @@ def _transform(k, block, seed, second=True, permute=True, exact=False):
 
 def _fused(x, transform, bits, dtype):
     ops = cpu_lowbit.prepare(*transform, dtype=dtype)
-    q, s = torch.ops.lowbit.rotate_quantize_rows_bits_cpu(
-        x, ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2, bits, ops.amx
-    )
+    q, s = cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops, bits)
     return q, s, ops.amx
 
 
 def _near_boundary(x64, transform, bits) -> torch.Tensor:
     """Where the exact scaled value lies within 1e-4 of a rounding boundary k + 1/2."""
-    y = la.block_rotate(x64, *(None if t is None else t.double() if t.is_floating_point() else t for t in transform))
+    y = la.block_rotate(
+        x64, *(None if t is None else t.double() if t.is_floating_point() else t for t in transform)
+    )
     scaled = y * (la.qmax_for(bits) / y.abs().amax(-1, keepdim=True))
     return ((scaled - scaled.floor()) - 0.5).abs() < 1e-4
 
@@ -122,14 +124,23 @@ def test_bf16_request_without_amx_blocks_runs_fp32():
 
 
 def test_operand_errors_are_clear():
+    from dataclasses import replace
+
     transform = _transform(40, 16, seed=1)
     ops = cpu_lowbit.prepare(*transform, dtype=torch.float32)
     x = torch.randn(3, 40)
-    with pytest.raises(ValueError, match="do not cover K"):
-        cpu_lowbit.rotate_quantize_rows_bits_cpu(x[:, :32], ops.blocks, ops.tail, None, None, None, 4, False)
-    with pytest.raises(ValueError, match="perm must be int32"):
-        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, transform[2], None, None, 4, False)
-    with pytest.raises(ValueError, match="do not match `amx`"):
-        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, ops.perm, None, None, 4, True)
-    with pytest.raises(ValueError, match="bit width"):
-        cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops.blocks, ops.tail, ops.perm, None, None, 9, False)
+    run = cpu_lowbit.rotate_quantize_rows_bits_cpu
+    with pytest.raises(RuntimeError, match="do not cover K = 32"):
+        run(x[:, :32], replace(ops, perm=None), 4)
+    with pytest.raises(RuntimeError, match="perm must be contiguous int32"):
+        run(x, replace(ops, perm=transform[2]), 4)
+    with pytest.raises(RuntimeError, match=r"blocks must be contiguous (bf16 pairs|fp32)"):
+        run(x, replace(ops, blocks=transform[0].double()), 4)
+    with pytest.raises(RuntimeError, match="bit width"):
+        run(x, ops, 9)
+    if not cpu_lowbit.amx_available():
+        with pytest.raises(RuntimeError, match="without AMX-BF16"):
+            run(x, replace(ops, amx=True), 4)
+    else:
+        with pytest.raises(RuntimeError, match="blocks must be contiguous bf16 pairs"):
+            run(x, replace(ops, amx=True), 4)

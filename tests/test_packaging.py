@@ -74,6 +74,20 @@ def test_every_listed_package_exists():
         assert (ROOT / folder / "__init__.py").is_file(), (name, folder)
 
 
+def test_non_python_sources_are_package_data():
+    """Files the code reads at run time (C++ sources) must be listed as package data, or
+    a wheel install lacks them."""
+    import fnmatch
+
+    cfg = setuptools_config()
+    data = cfg.get("package-data", {})
+    for name, folder in package_folders().items():
+        for f in folder.iterdir():
+            if f.suffix in (".cpp", ".h"):
+                patterns = data.get(name, [])
+                assert any(fnmatch.fnmatch(f.name, p) for p in patterns), (name, f.name)
+
+
 def test_installed_names_point_at_the_folders():
     import qcompile.kernels
     import qcompile.lowering
