@@ -7,9 +7,10 @@ quantization into its producer and the dequantization epilogue into one
 pointwise kernel. Only ``torch._int_mm`` stays an extern call.
 
 Measured here (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
-0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.015 ms. The weight is kept
+0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.065 ms (2026-11-28; an earlier
+0.015 ms at M=1 was the stride-0 bug below: no product computed). The weight is kept
 in nn.Linear layout ``[N, K]`` and passed transposed: that view is as fast as a
-contiguous ``[K, N]`` copy for M=512 and faster for M=1.
+contiguous ``[K, N]`` copy for M=512 and much faster for M=1 (1 ms: oneDNN reorders).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """
     if q.shape[-1] == 1:
         return q.to(torch.int32) * w_q.to(torch.int32).t()
-    q = q.contiguous()
-    q = q.as_strided(q.shape, (q.shape[1], 1))
-    a = w_q.t()
-    return torch._int_mm(q, a.as_strided(a.shape, (1, a.shape[0])))
+    q, w_q = q.contiguous(), w_q.contiguous()
+    m, k = q.shape
+    n = w_q.shape[0]
+    return torch._int_mm(q.as_strided((m, k), (k, 1)), w_q.as_strided((k, n), (1, k)))
 
 
 def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
