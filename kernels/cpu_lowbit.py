@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .lowbit_act import qmax_for
+from .reference import EPS
 
 __all__ = ["CpuRotation", "amx_available", "library", "prepare", "rotate_quantize_rows_bits_cpu"]
 
@@ -62,7 +63,8 @@ def library() -> ctypes.CDLL:
     where it cannot be built."""
     from torch._inductor.codecache import CppCodeCache
 
-    lib = CppCodeCache.load(_SOURCE.read_text())
+    # the quantization's absmax floor: one definition, the reference's
+    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + _SOURCE.read_text())
     lib.lowbit_built_with_amx.restype = ctypes.c_int
     return lib
 

@@ -11,7 +11,9 @@
 //     bf16, the block's matrix given as bf16 pairs, fp32 accumulation in tiles.
 // Remainder blocks (T1, T2) always take the fp32 path. The quantization is the
 // reference's: absmax clamped below by eps, codes round-half-even(y * (qmax / absmax))
-// clamped to [-qmax, qmax], scale absmax / qmax.
+// clamped to [-qmax, qmax], scale absmax / qmax (eps is LOWBIT_EPS, which the loader
+// defines from qcompile.kernels.reference.EPS).
+//
 // The CPU implementation of the op lowbit::rotate_quantize_rows_bits_cpu (its schema and
 // fake are defined in Python); built and loaded by qcompile.kernels.cpu_lowbit with
 // inductor's C++ builder and cache. A C++ op, so a decode step's call costs no Python.
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -221,9 +224,7 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
     q[c] = (int8_t)std::min(std::max(std::nearbyint(y[c] * inv), (float)-qmax), (float)qmax);
   *scale = amax / (float)qmax;
 }
-}  // namespace
 
-namespace {
 struct Args {
   const float* x;
   long m, k;
@@ -244,9 +245,8 @@ struct Args {
 // one thread's share: tiles [t0, t1) with its own buffers
 void run_tiles(const Args& a, long t0, long t1) {
   const long k = a.k;
-  float* buf_a = new float[TILE * k];
-  float* buf_b = new float[TILE * k];
-  uint16_t* buf_h = new uint16_t[TILE * k];
+  std::vector<float> buf_a(TILE * k), buf_b(TILE * k);
+  std::vector<uint16_t> buf_h(TILE * k);
 #ifdef LOWBIT_AMX
   if (a.amx) amx_configure();
 #endif
@@ -254,10 +254,10 @@ void run_tiles(const Args& a, long t0, long t1) {
     const long row0 = t * TILE;
     const int rows = (int)std::min<long>(TILE, a.m - row0);
     const float* cur = a.x + row0 * k;
-    float* out = buf_a;
-    float* spare = buf_b;
+    float* out = buf_a.data();
+    float* spare = buf_b.data();
     if (a.nb1 || a.r1) {
-      stage(cur, out, buf_h, rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
+      stage(cur, out, buf_h.data(), rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
       cur = out;
       std::swap(out, spare);
     }
@@ -267,7 +267,7 @@ void run_tiles(const Args& a, long t0, long t1) {
       std::swap(out, spare);
     }
     if (a.nb2 || a.r2) {
-      stage(cur, out, buf_h, rows, k, a.blocks2, a.nb2, a.bs2, a.tail2, a.r2, a.amx);
+      stage(cur, out, buf_h.data(), rows, k, a.blocks2, a.nb2, a.bs2, a.tail2, a.r2, a.amx);
       cur = out;
       std::swap(out, spare);
     }
@@ -277,9 +277,6 @@ void run_tiles(const Args& a, long t0, long t1) {
 #ifdef LOWBIT_AMX
   if (a.amx) _tile_release();
 #endif
-  delete[] buf_a;
-  delete[] buf_b;
-  delete[] buf_h;
 }
 
 const void* data_or_null(const std::optional<at::Tensor>& t) {
@@ -360,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
                r2,
                (int)amx,
                (1 << (bits - 1)) - 1,
-               1e-8f,  // qcompile.kernels.reference.EPS
+               LOWBIT_EPS,
                q.data_ptr<int8_t>(),
                scale.data_ptr<float>()};
   const int64_t tiles = (m + TILE - 1) / TILE;

@@ -6,8 +6,9 @@ remainder blocks, each stage optional, bits 4 / 6 / 8, several leading dimension
 * fp32 operands: the reference's products summed in another order, so scales within
   float32 rounding and a code differs only where the exact value (float64) lies within
   1e-4 of a rounding boundary;
-* bf16 operands on AMX (only where the CPU has AMX-BF16): the reference computed on the
+* bf16 operands on AMX (where the CPU has AMX-BF16): the reference computed on the
   same bf16-rounded operands in float64; codes within one step, scales within 1e-3;
+  elsewhere a bf16 request runs the fp32 kernel, bit for bit;
 * exact sums (small-integer activations, blocks with entries in {-1, 0, 1}): codes and
   scales bit-exact in both modes.
 """
@@ -93,11 +94,19 @@ def test_exact_sums_are_bit_exact(k, block, dtype):
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-@pytest.mark.skipif(not cpu_lowbit.amx_available(), reason="bf16 operands run on AMX-BF16 only")
 @pytest.mark.parametrize("m,k,block", [(1, 96, 32), (37, 100, 32), (512, 576, 64), (20, 200, 64)])
-def test_amx_bf16_matches_bf16_reference(m, k, block):
+def test_bf16_request_matches_its_reference(m, k, block):
+    """Blocks of a multiple of 32: on a CPU with AMX-BF16 the products take bf16 operands
+    (checked against the same bf16-rounded operands in float64); elsewhere the request
+    falls back to fp32 operands, bit for bit the fp32 kernel."""
     transform = _transform(k, block, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    if not cpu_lowbit.amx_available():
+        for bits in (4, 6):
+            q, s, amx = _fused(x, transform, bits, torch.bfloat16)
+            q32, s32, _ = _fused(x, transform, bits, torch.float32)
+            assert not amx and torch.equal(q, q32) and torch.equal(s, s32)
+        return
 
     def bf16(t):
         return t if t is None or not t.is_floating_point() else t.bfloat16().double()
