@@ -3,7 +3,7 @@
 ``lowbit::rotate_quantize_rows_bits_cpu`` computes
 ``quantize_rows_bits(block_rotate(x, blocks, tail, perm, blocks2, tail2), bits)`` (the
 reference: ``lowbit_act.rotate_quantize_rows_bits``) in one pass over the activations:
-per tile of 16 tokens the transformed rows stay in a per-thread buffer, and only the
+per tile of 32 tokens the transformed rows stay in per-thread buffers, and only the
 int8 codes and the scales are written (``cpu_rotate_quantize.cpp``). It replaces, per
 site, the unfused CPU lowering (``lowbit_act.block_rotate_cpu`` + ``quantize_rows_bits``:
 a transposed copy, batched matmuls, a gather and a quantization pass, each through

@@ -2,8 +2,11 @@
 //
 // q[m, :], scale[m] = quantize_rows_bits(x[m, :] @ diag(B1..., T1)[:, perm] @ diag(B2..., T2))
 // one tile of TILE token rows at a time: the transformed rows stay in two per-thread
-// buffers (a few tens of KB), so the activations are read from memory once and only the
-// int8 codes and the scales are written. Each stage is optional (nb = r = 0; perm null).
+// buffers (a few hundred KB at most), so the activations are read from memory once and only
+// the int8 codes and the scales are written. Each stage is optional (nb = r = 0; perm null).
+// Within a tile the loops run block by block, so a block's matrix is read from L2 once per
+// tile, not once per 16 rows; on the AMX path the permutation gathers straight into the
+// second stage's bf16 operand.
 //
 // Two ways to multiply a block (chosen per call by `amx`):
 //   * fp32: at::vec FMAs (any ISA inductor builds for), register tiles of rows x block;
@@ -26,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -37,7 +41,11 @@
 namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int V = Vec::size();
-constexpr int TILE = 16;  // token rows per tile (one AMX tile of rows)
+constexpr int TILE = 32;  // token rows per tile (measured: 16 and 64 are no faster)
+constexpr int AMX_ROWS = 16;  // rows of one AMX tile
+
+// rows rounded up to whole AMX tiles
+inline int amx_padded(int rows) { return (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; }
 
 // y[r, 0:BS] = x[r, 0:BS] @ m[BS, BS] for RT rows (row strides ldx, ldy)
 template <int BS, int RT>
@@ -155,7 +163,7 @@ inline void amx_block(const uint16_t* xb, long ldx, const uint32_t* m2, int bs, 
   }
 }
 
-// round rows x k floats to bf16; rows up to TILE are zero (AMX always multiplies 16 rows)
+// round rows x k floats to bf16; rows up to a whole AMX tile are zero
 inline void to_bf16_tile(const float* x, uint16_t* xb, int rows, long k) {
   const long n = rows * k;
   long c = 0;
@@ -167,7 +175,37 @@ inline void to_bf16_tile(const float* x, uint16_t* xb, int rows, long k) {
     _mm256_mask_storeu_epi16(xb + c, mask,
                              (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + c)));
   }
-  std::memset(xb + n, 0, sizeof(uint16_t) * (TILE - rows) * k);
+  std::memset(xb + n, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+}
+#endif
+
+#ifdef LOWBIT_AMX
+// out[r, c] = bf16(in[r, perm[c]]) (rows up to a whole AMX tile zero): the permutation and the
+// rounding of the next AMX stage's operand in one pass
+inline void gather_to_bf16_tile(const float* in, const int32_t* perm, uint16_t* xb, int rows,
+                                long k) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = in + r * k;
+    uint16_t* dst = xb + r * k;
+    for (long c = 0; c < k; c += 16) {
+      const __mmask16 mask = k - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - c)) - 1);
+      const __m512i idx = _mm512_maskz_loadu_epi32(mask, perm + c);
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, src, 4);
+      _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+  std::memset(xb + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+}
+
+// y[:, blocks] = xb @ diag(blocks...) for a tile whose bf16 rows are in xb (padded to whole
+// AMX tiles); block by block, so its matrix stays in L1 across the tile's rows
+inline void amx_blocks(const uint16_t* xb, float* y, int rows, long k, const void* blocks, int nb,
+                       int bs) {
+  const uint32_t* m2 = static_cast<const uint32_t*>(blocks);
+  for (int b = 0; b < nb; ++b)
+    for (int r0 = 0; r0 < rows; r0 += AMX_ROWS)
+      amx_block(xb + r0 * k + (long)b * bs, k, m2 + (long)b * bs * bs / 2, bs,
+                y + r0 * k + (long)b * bs, k);
 }
 #endif
 
@@ -177,9 +215,7 @@ inline void stage(const float* x, float* y, uint16_t* xb, int rows, long k, cons
 #ifdef LOWBIT_AMX
   if (amx && nb) {
     to_bf16_tile(x, xb, rows, k);
-    const uint32_t* m2 = static_cast<const uint32_t*>(blocks);
-    for (int b = 0; b < nb; ++b)
-      amx_block(xb + (long)b * bs, k, m2 + (long)b * bs * bs / 2, bs, y + (long)b * bs, k);
+    amx_blocks(xb, y, rows, k, blocks, nb, bs);
     if (r) any_block(x + (long)nb * bs, k, tail, y + (long)nb * bs, k, rows, r);
     return;
   }
@@ -205,9 +241,17 @@ inline void gather_columns(const float* in, const int32_t* perm, float* out, int
 }
 
 inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q, float* scale) {
+  // absmax: four independent chains (one chain is latency-bound); maximum() keeps NaNs
+  Vec m0(0.f), m1(0.f), m2(0.f), m3(0.f);
   long c = 0;
-  Vec vmax(0.f);
-  for (; c + V <= k; c += V) vmax = at::vec::maximum(vmax, Vec::loadu(y + c).abs());
+  for (; c + 4 * V <= k; c += 4 * V) {
+    m0 = at::vec::maximum(m0, Vec::loadu(y + c).abs());
+    m1 = at::vec::maximum(m1, Vec::loadu(y + c + V).abs());
+    m2 = at::vec::maximum(m2, Vec::loadu(y + c + 2 * V).abs());
+    m3 = at::vec::maximum(m3, Vec::loadu(y + c + 3 * V).abs());
+  }
+  for (; c + V <= k; c += V) m0 = at::vec::maximum(m0, Vec::loadu(y + c).abs());
+  const Vec vmax = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
   alignas(64) float lanes[V];
   vmax.store(lanes);
   float amax = 0.f;
@@ -218,7 +262,13 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
   const Vec vinv(inv), lo((float)-qmax), hi((float)qmax);
   for (c = 0; c + V <= k; c += V) {
     const Vec v = at::vec::clamp((Vec::loadu(y + c) * vinv).round(), lo, hi);
+#if defined(CPU_CAPABILITY_AVX512)
+    // v holds integers in [-qmax, qmax]: exact as int32, then narrowed to 16 bytes
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(__m512(v))));
+#else
     at::vec::convert<int8_t>(v).store(q + c, V);
+#endif
   }
   for (; c < k; ++c)
     q[c] = (int8_t)std::min(std::max(std::nearbyint(y[c] * inv), (float)-qmax), (float)qmax);
@@ -245,8 +295,11 @@ struct Args {
 // one thread's share: tiles [t0, t1) with its own buffers
 void run_tiles(const Args& a, long t0, long t1) {
   const long k = a.k;
-  std::vector<float> buf_a(TILE * k), buf_b(TILE * k);
-  std::vector<uint16_t> buf_h(TILE * k);
+  // rows of the largest tile here (a decode step: one AMX tile), uninitialised
+  const long n = amx_padded((int)std::min<long>(TILE, a.m - t0 * TILE)) * k;
+  const auto buf_a = std::unique_ptr<float[]>(new float[n]);
+  const auto buf_b = std::unique_ptr<float[]>(new float[n]);
+  const auto buf_h = std::unique_ptr<uint16_t[]>(new uint16_t[n]);
 #ifdef LOWBIT_AMX
   if (a.amx) amx_configure();
 #endif
@@ -254,22 +307,30 @@ void run_tiles(const Args& a, long t0, long t1) {
     const long row0 = t * TILE;
     const int rows = (int)std::min<long>(TILE, a.m - row0);
     const float* cur = a.x + row0 * k;
-    float* out = buf_a.data();
-    float* spare = buf_b.data();
+    float* out = buf_a.get();
+    float* spare = buf_b.get();
     if (a.nb1 || a.r1) {
-      stage(cur, out, buf_h.data(), rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
+      stage(cur, out, buf_h.get(), rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
       cur = out;
       std::swap(out, spare);
     }
-    if (a.perm) {
-      gather_columns(cur, a.perm, out, rows, k);
+#ifdef LOWBIT_AMX
+    if (a.perm && a.amx && a.nb2 && !a.r2) {  // gather straight into R2's bf16 operand
+      gather_to_bf16_tile(cur, a.perm, buf_h.get(), rows, k);
+      amx_blocks(buf_h.get(), out, rows, k, a.blocks2, a.nb2, a.bs2);
       cur = out;
-      std::swap(out, spare);
-    }
-    if (a.nb2 || a.r2) {
-      stage(cur, out, buf_h.data(), rows, k, a.blocks2, a.nb2, a.bs2, a.tail2, a.r2, a.amx);
-      cur = out;
-      std::swap(out, spare);
+    } else
+#endif
+    {
+      if (a.perm) {
+        gather_columns(cur, a.perm, out, rows, k);
+        cur = out;
+        std::swap(out, spare);
+      }
+      if (a.nb2 || a.r2) {
+        stage(cur, out, buf_h.get(), rows, k, a.blocks2, a.nb2, a.bs2, a.tail2, a.r2, a.amx);
+        cur = out;
+      }
     }
     for (int r = 0; r < rows; ++r)
       quantize_row(cur + r * k, k, a.qmax, a.eps, a.q + (row0 + r) * k, a.scale + row0 + r);

@@ -94,7 +94,9 @@ def test_exact_sums_are_bit_exact(k, block, dtype):
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-@pytest.mark.parametrize("m,k,block", [(1, 96, 32), (37, 100, 32), (512, 576, 64), (20, 200, 64)])
+@pytest.mark.parametrize(
+    "m,k,block", [(1, 96, 32), (37, 100, 32), (45, 128, 32), (512, 576, 64), (20, 200, 64)]
+)
 def test_bf16_request_matches_its_reference(m, k, block):
     """Blocks of a multiple of 32: on a CPU with AMX-BF16 the products take bf16 operands
     (checked against the same bf16-rounded operands in float64); elsewhere the request
