@@ -119,8 +119,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tiles 0-3: 16 rows x 16 outputs (fp32); 4: 16 rows x 32 inputs (bf16); 5-7: 32 inputs x
-// 16 outputs of the matrix as bf16 pairs
+// tiles 0, 1: 16 rows x 16 outputs (fp32); 2, 3: 16 rows x 32 inputs (bf16); 4-7: 32 inputs
+// x 16 outputs of the matrix as bf16 pairs
 inline void amx_configure() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -130,36 +130,35 @@ inline void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-// C += tile 4 @ (the slab at b, loaded into tile B); tile numbers must be literals
-#define LOWBIT_AMX_DP(C, B, b, ldb) \
-  do {                              \
-    _tile_loadd(B, b, ldb);         \
-    _tile_dpbf16ps(C, 4, B);        \
-  } while (0)
-
 // y[16, bs] = xb[16, bs] @ m for one block (bs a multiple of 32): xb bf16 rows (leading
-// dimension ldx), m2 the matrix as bf16 pairs m2[i / 2][j] = (m[i][j], m[i + 1][j])
+// dimension ldx), m2 the matrix as bf16 pairs m2[i / 2][j] = (m[i][j], m[i + 1][j]).
+// 32 outputs at a time with every operand tile of the step loaded up front (tiles are not
+// renamed: reusing one within a step would serialise its load behind the product reading it)
 inline void amx_block(const uint16_t* xb, long ldx, const uint32_t* m2, int bs, float* y,
                       long ldy) {
   const long ldb = (long)bs * 4;
-  for (int n0 = 0; n0 < bs; n0 += 64) {
-    const int nt = std::min(4, (bs - n0) / 16);
+  for (int n0 = 0; n0 < bs; n0 += 32) {
     _tile_zero(0);
     _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int k0 = 0; k0 < bs; k0 += 32) {
-      _tile_loadd(4, xb + k0, ldx * 2);
+    for (int k0 = 0; k0 < bs; k0 += 64) {
       const uint32_t* b = m2 + (long)(k0 / 2) * bs + n0;
-      LOWBIT_AMX_DP(0, 5, b, ldb);
-      if (nt > 1) LOWBIT_AMX_DP(1, 6, b + 16, ldb);
-      if (nt > 2) LOWBIT_AMX_DP(2, 7, b + 32, ldb);
-      if (nt > 3) LOWBIT_AMX_DP(3, 5, b + 48, ldb);
+      _tile_loadd(2, xb + k0, ldx * 2);
+      _tile_loadd(4, b, ldb);
+      _tile_loadd(5, b + 16, ldb);
+      if (k0 + 32 < bs) {
+        _tile_loadd(3, xb + k0 + 32, ldx * 2);
+        _tile_loadd(6, b + 16 * bs, ldb);
+        _tile_loadd(7, b + 16 * bs + 16, ldb);
+      }
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(1, 2, 5);
+      if (k0 + 32 < bs) {
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_dpbf16ps(1, 3, 7);
+      }
     }
     _tile_stored(0, y + n0, ldy * 4);
-    if (nt > 1) _tile_stored(1, y + n0 + 16, ldy * 4);
-    if (nt > 2) _tile_stored(2, y + n0 + 32, ldy * 4);
-    if (nt > 3) _tile_stored(3, y + n0 + 48, ldy * 4);
+    _tile_stored(1, y + n0 + 16, ldy * 4);
   }
 }
 
