@@ -2,7 +2,7 @@
 //
 // q[m, :], scale[m] = quantize_rows_bits(x[m, :] @ diag(B1..., T1)[:, perm] @ diag(B2..., T2))
 // one tile of TILE token rows at a time: the transformed rows stay in two per-thread
-// buffers (a few hundred KB at most), so the activations are read from memory once and only
+// buffers (TILE rows of K floats each), so the activations are read from memory once and only
 // the int8 codes and the scales are written. Each stage is optional (nb = r = 0; perm null).
 // Within a tile the loops run block by block, so a block's matrix is read from L2 once per
 // tile, not once per 16 rows; on the AMX path the permutation gathers straight into the
@@ -176,9 +176,7 @@ inline void to_bf16_tile(const float* x, uint16_t* xb, int rows, long k) {
   }
   std::memset(xb + n, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
 }
-#endif
 
-#ifdef LOWBIT_AMX
 // out[r, c] = bf16(in[r, perm[c]]) (rows up to a whole AMX tile zero): the permutation and the
 // rounding of the next AMX stage's operand in one pass
 inline void gather_to_bf16_tile(const float* in, const int32_t* perm, uint16_t* xb, int rows,
