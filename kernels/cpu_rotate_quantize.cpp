@@ -12,7 +12,8 @@
 //   * fp32: at::vec FMAs (any ISA inductor builds for), register tiles of rows x block;
 //   * AMX (amx != 0; built only where the compiler targets AMX-BF16): the rows rounded to
 //     bf16, the block's matrix given as bf16 pairs, fp32 accumulation in tiles.
-// Remainder blocks (T1, T2) always take the fp32 path. The quantization is the
+// Remainder blocks (T1, T2) always take the fp32 path. bf16 activations skip the widening
+// to fp32 where the first stage is AMX without a remainder block (it rounds to bf16 anyway). The quantization is the
 // reference's: absmax clamped below by eps, codes round-half-even(y * (qmax / absmax))
 // clamped to [-qmax, qmax], scale absmax / qmax (eps is LOWBIT_EPS, which the loader
 // defines from qcompile.kernels.reference.EPS).
@@ -273,7 +274,8 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
 }
 
 struct Args {
-  const float* x;
+  const float* x;       // fp32 rows, or null when xb is given
+  const uint16_t* xb;   // bf16 rows (AMX first stage without a tail only), or null
   long m, k;
   const void* blocks1;
   int nb1, bs1;
@@ -303,9 +305,18 @@ void run_tiles(const Args& a, long t0, long t1) {
   for (long t = t0; t < t1; ++t) {
     const long row0 = t * TILE;
     const int rows = (int)std::min<long>(TILE, a.m - row0);
-    const float* cur = a.x + row0 * k;
+    const float* cur = a.x ? a.x + row0 * k : nullptr;
     float* out = buf_a.get();
     float* spare = buf_b.get();
+#ifdef LOWBIT_AMX
+    if (a.xb) {  // bf16 rows: copied into the L1-resident operand buffer (tiles load from it)
+      std::memcpy(buf_h.get(), a.xb + row0 * k, sizeof(uint16_t) * rows * k);
+      std::memset(buf_h.get() + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+      amx_blocks(buf_h.get(), out, rows, k, a.blocks1, a.nb1, a.bs1);
+      cur = out;
+      std::swap(out, spare);
+    } else
+#endif
     if (a.nb1 || a.r1) {
       stage(cur, out, buf_h.get(), rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
       cur = out;
@@ -391,7 +402,9 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->is_contiguous() && perm->numel() == k,
                 "lowbit: perm must be contiguous int32 with K = ", k, " entries, got ",
                 perm->scalar_type(), " ", perm->sizes());
-  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  // bf16 rows go to the AMX first stage as they are (the rounding it would apply anyway)
+  const bool bf16_in = amx && nb1 && !r1 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor xf = x.reshape({-1, k}).to(bf16_in ? at::kBFloat16 : at::kFloat).contiguous();
   const int64_t m = xf.size(0);
   std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> scale_sizes = lead;
@@ -399,7 +412,8 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
   lead.push_back(k);
   at::Tensor q = at::empty(lead, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty(scale_sizes, x.options().dtype(at::kFloat));
-  const Args a{xf.data_ptr<float>(),
+  const Args a{bf16_in ? nullptr : xf.data_ptr<float>(),
+               bf16_in ? static_cast<const uint16_t*>(xf.data_ptr()) : nullptr,
                m,
                k,
                data_or_null(blocks),

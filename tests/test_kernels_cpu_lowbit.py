@@ -125,6 +125,19 @@ def test_bf16_request_matches_its_reference(m, k, block):
         assert (q != q_ref).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("m,k,block", [(1, 96, 32), (45, 128, 32), (77, 576, 64)])
+def test_bf16_activations_give_the_codes_of_their_fp32_values(m, k, block):
+    """A bf16 model's activations: the AMX path multiplies them as they are (no fp32
+    copy), the same codes as the same values in fp32; elsewhere (and for the fp32
+    request) they are widened first, which is exact."""
+    transform = _transform(k, block, seed=m)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    for dtype in (torch.bfloat16, torch.float32):
+        q, s, _ = _fused(x, transform, 4, dtype)
+        q32, s32, _ = _fused(x.float(), transform, 4, dtype)
+        assert torch.equal(q, q32) and torch.equal(s, s32)
+
+
 def test_bf16_request_without_amx_blocks_runs_fp32():
     """Blocks that are not a multiple of 32 channels cannot use AMX: fp32 operands."""
     transform = _transform(40, 16, seed=3)
