@@ -59,6 +59,8 @@ from qcompile.kernels.cpu_weight_only import prepack_cpu
 from qcompile.kernels.packing import pack, unpack
 from qcompile.passes._folding import drop_constant
 
+from . import rms_norm_prologue
+
 
 def lowering_table(target: str) -> dict:
     lowbit = torch.ops.lowbit
@@ -179,25 +181,36 @@ def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             continue
         rotations.add(x)
+        first_stage = x.args[1] is not None or x.args[2] is not None
+        norm = rms_norm_prologue.match(x.args[0], gm) if NORM_PROLOGUE and first_stage else None
+        if norm is not None and len(x.users) != 1:
+            norm = None  # the transformed activations have another reader
         if x not in operands:
-            operands[x] = _cpu_rotation_constants(gm, x, ctx, cpu_lowbit)
+            operands[x] = _cpu_rotation_constants(gm, x, ctx, cpu_lowbit, norm)
         if operands[x] is None:
             continue
         *consts, amx = operands[x]
         qn.target = torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
-        qn.args = (x.args[0], *consts, bits, amx)
+        qn.args = (norm.z if norm else x.args[0], *consts, bits, amx)
         rewrites += 1
+        if norm is not None:
+            x.replace_input_with(x.args[0], norm.z)  # until the rotation is dropped below
+            rms_norm_prologue.rewire(gm, qn, norm)
     _drop_fused_rotations(gm, rotations)
     gm.recompile()
     return rewrites
 
 
-def _cpu_rotation_constants(gm: fx.GraphModule, rot: fx.Node, ctx, cpu_lowbit) -> tuple | None:
+def _cpu_rotation_constants(gm: fx.GraphModule, rot: fx.Node, ctx, cpu_lowbit, norm=None):
     """get_attr nodes ``(blocks, tail, perm, blocks2, tail2)`` and the ``amx`` flag of the
-    fused CPU kernel for ``rot``; None when its blocks are too large to fuse."""
+    fused CPU kernel for ``rot`` (its first stage's rows scaled by the RMSNorm weight of
+    ``norm``, a ``rms_norm_prologue.NormInput``, if given); None when its blocks are too
+    large to fuse."""
     mats = [None if a is None else getattr(gm, a.target) for a in rot.args[1:]]
     if not cpu_lowbit.fusable(mats[0], mats[3]):
         return None
+    if norm is not None:
+        mats[0], mats[1] = rms_norm_prologue.fold_gamma(mats[0], mats[1], norm.gamma)
     ops = cpu_lowbit.prepare(*mats, dtype=cpu_transform_dtype(rot, ctx))
     tag = f"lowbit_rotate_{rot.meta.get('lowbit.rotate', rot.name)}_cpu"
     names = ("r1", "r1_tail", "perm", "r2", "r2_tail")
@@ -344,6 +357,9 @@ def cpu_transform_dtype(node: fx.Node, ctx: PassContext) -> torch.dtype:
 def _cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+
+#: fused sites fed by an RMSNorm read its input (``rms_norm_prologue``)
+NORM_PROLOGUE = True
 
 #: the block path copies its input channels-major: int8 linears producing that input
 #: (through elementwise ops only) compute their output channels-major

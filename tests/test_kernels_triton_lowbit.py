@@ -22,6 +22,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
+import operator  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import pytest  # noqa: E402
@@ -386,6 +387,48 @@ def test_cpu_fused_transform_operands(tiny):
     w4a8 = {**base, "recipe": "w4a8-duquant"}
     assert _cpu_transforms(traced, w4a8)[1] == {("fused", "fp32"): groups}
     assert rel_err(out32, traced.eager) < 0.5  # a sane W4A4 model
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("dtype", ["activation", "bfloat16"])
+def test_cpu_fused_transform_reads_the_rms_norm_input(tiny, monkeypatch, dtype):
+    """Sites fed by an RMSNorm (q/k/v, gate/up; lm_head reads a slice of the final norm:
+    not matched) read the residual stream: the
+    norm's weight scales the first stage's rows and the per-token rsqrt factor the
+    scales (lowering/rms_norm_prologue.py). Same model up to rounding; the normalized
+    activations are gone from the graph."""
+    from qcompile.backend import lowbit_backend
+    from qcompile.lowering import lower, rms_norm_prologue
+
+    spec, cal, traced = tiny
+    opts = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 32},
+            "cpu_transform_dtype": dtype, "handoff": "eager"}  # fmt: skip
+
+    def lowered():
+        fn = lowbit_backend(traced.fresh(), traced.inputs, options=opts)
+        gm = fn.__self__
+        inputs = [
+            n.args[0]
+            for n in gm.graph.nodes
+            if n.target is torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
+        ]
+        normed = sum(rms_norm_prologue.match(x, gm) is not None for x in inputs)
+        rsqrt_scaled = sum(
+            n.target is operator.mul and n.args[0].target is operator.getitem
+            for n in gm.graph.nodes
+        )
+        return traced.call(fn), len(inputs), normed, rsqrt_scaled
+
+    out, fused, normed, scaled = lowered()
+    monkeypatch.setattr(lower, "NORM_PROLOGUE", False)
+    out_off, fused_off, normed_off, scaled_off = lowered()
+    assert fused == fused_off == 4 * spec.layers + 1
+    assert (normed_off, scaled_off) == (2 * spec.layers, 0)
+    # every q/k/v and gate/up scale output rescaled (q, k, v: three readers)
+    assert (normed, scaled) == (0, 5 * spec.layers)
+    tolerance = 1e-3 if dtype == "activation" else 0.1  # bf16: gamma rounded with the block
+    assert rel_err(out, out_off) < tolerance
+    assert rel_err(out, traced.eager) < 1.1 * rel_err(out_off, traced.eager)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
