@@ -36,7 +36,14 @@ import torch
 from .lowbit_act import qmax_for
 from .reference import EPS
 
-__all__ = ["CpuRotation", "amx_available", "library", "prepare", "rotate_quantize_rows_bits_cpu"]
+__all__ = [
+    "CpuRotation",
+    "amx_available",
+    "library",
+    "prepare",
+    "rotate_quantize_rows_bits_cpu",
+    "swiglu_rotate_quantize_rows_bits_cpu",
+]
 
 _SOURCE = Path(__file__).with_name("cpu_rotate_quantize.cpp")
 #: block sizes the fused kernel multiplies with vector FMAs or AMX (larger: not fused)
@@ -55,6 +62,23 @@ def _(x, blocks, tail, perm, blocks2, tail2, bits, amx):
     return (
         torch.empty(x.shape, dtype=torch.int8, device=x.device),
         torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+torch.library.define(
+    "lowbit::swiglu_rotate_quantize_rows_bits_cpu",
+    "(Tensor gate, Tensor up, Tensor act_scale, Tensor gate_scale, Tensor up_scale, "
+    "Tensor? blocks, Tensor? tail, Tensor? perm, Tensor? blocks2, Tensor? tail2, "
+    "int bits, bool amx) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("lowbit::swiglu_rotate_quantize_rows_bits_cpu")
+def _(gate, up, act_scale, gate_scale, up_scale, blocks, tail, perm, blocks2, tail2, bits, amx):
+    qmax_for(bits)
+    return (
+        torch.empty(gate.shape, dtype=torch.int8, device=gate.device),
+        torch.empty((gate.shape[0], 1), dtype=torch.float32, device=gate.device),
     )
 
 
@@ -127,6 +151,29 @@ def prepare(blocks, tail, perm, blocks2, tail2, dtype: torch.dtype) -> CpuRotati
         fp32(tail2),
         amx,
     )
+
+
+def swiglu_rotate_quantize_rows_bits_cpu(
+    q, x_scale, w_gate, gate_scale, w_up, up_scale, blocks, tail, perm, blocks2, tail2, bits, amx
+):
+    """The fused kernel on ``silu(gate) * up`` for ``gate = int8_linear(q, x_scale, w_gate,
+    gate_scale)`` and ``up`` likewise (no bias, float32; ``lowering/swiglu_prologue.py``):
+    the two int32 GEMMs are oneDNN's, the kernel dequantizes their accumulators and forms
+    the product per tile of rows. Operands as :func:`prepare` makes them; returns
+    ``(q int8 [..., N], scale float32 [..., 1])`` with ``q``'s leading dimensions."""
+    from .cpu_int8 import int8_matmul_int32
+
+    lead = q.shape[:-1]
+    rows = q.reshape(-1, q.shape[-1])
+    codes, scale = torch.ops.lowbit.swiglu_rotate_quantize_rows_bits_cpu(
+        int8_matmul_int32(rows, w_gate),
+        int8_matmul_int32(rows, w_up),
+        x_scale.reshape(-1).float().contiguous(),
+        gate_scale.float().contiguous(),
+        up_scale.float().contiguous(),
+        blocks, tail, perm, blocks2, tail2, bits, amx,
+    )  # fmt: skip
+    return codes.reshape(*lead, codes.shape[-1]), scale.reshape(*lead, 1)
 
 
 def rotate_quantize_rows_bits_cpu(x: torch.Tensor, ops: CpuRotation, bits: int):

@@ -273,23 +273,75 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
   *scale = amax / (float)qmax;
 }
 
-struct Args {
-  const float* x;       // fp32 rows, or null when xb is given
-  const uint16_t* xb;   // bf16 rows (AMX first stage without a tail only), or null
-  long m, k;
-  const void* blocks1;
-  int nb1, bs1;
-  const float* tail1;
-  int r1;
-  const int32_t* perm;
-  const void* blocks2;
-  int nb2, bs2;
-  const float* tail2;
-  int r2, amx, qmax;
-  float eps;
-  int8_t* q;
-  float* scale;
+// SwiGLU prologue: input row m is silu(g[m] * s[m] * gs) * (u[m] * s[m] * us), from the
+// int32 accumulators g, u of the gate and up linears (s: the rows' activation scales, gs / us:
+// the weight scales per channel), the reference's products in its order
+struct Swiglu {
+  const int32_t* gate = nullptr;
+  const int32_t* up = nullptr;
+  const float* act_scale = nullptr;
+  const float* gate_scale = nullptr;
+  const float* up_scale = nullptr;
 };
+
+struct Args {
+  const float* x = nullptr;      // fp32 rows, or
+  const uint16_t* xb = nullptr;  // bf16 rows (AMX first stage without a tail only), or
+  Swiglu sw;                     // the rows computed from the gate / up accumulators
+  long m = 0, k = 0;
+  const void* blocks1 = nullptr;
+  int nb1 = 0, bs1 = 0;
+  const float* tail1 = nullptr;
+  int r1 = 0;
+  const int32_t* perm = nullptr;
+  const void* blocks2 = nullptr;
+  int nb2 = 0, bs2 = 0;
+  const float* tail2 = nullptr;
+  int r2 = 0, amx = 0, qmax = 0;
+  float eps = LOWBIT_EPS;
+  int8_t* q = nullptr;
+  float* scale = nullptr;
+};
+
+inline Vec swiglu_vec(const Swiglu& p, long row, long c, const Vec& s) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec g = at::vec::convert<float>(IVec::loadu(p.gate + row + c)) * s * Vec::loadu(p.gate_scale + c);
+  const Vec u = at::vec::convert<float>(IVec::loadu(p.up + row + c)) * s * Vec::loadu(p.up_scale + c);
+  return g / (Vec(1.f) + g.neg().exp()) * u;
+}
+
+inline float swiglu_one(const Swiglu& p, long row, long c, float s) {
+  const float g = (float)p.gate[row + c] * s * p.gate_scale[c];
+  const float u = (float)p.up[row + c] * s * p.up_scale[c];
+  return g / (1.f + std::exp(-g)) * u;
+}
+
+// rows [row0, row0 + rows) of the SwiGLU prologue as fp32
+inline void swiglu_rows(const Swiglu& p, long row0, int rows, long k, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    const long row = (row0 + r) * k;
+    const float s = p.act_scale[row0 + r];
+    long c = 0;
+    for (; c + V <= k; c += V) swiglu_vec(p, row, c, Vec(s)).store(out + r * k + c);
+    for (; c < k; ++c) out[r * k + c] = swiglu_one(p, row, c, s);
+  }
+}
+
+#ifdef LOWBIT_AMX
+// the same rows rounded to bf16 (rows up to a whole AMX tile zero): the first AMX stage's operand
+inline void swiglu_to_bf16_tile(const Swiglu& p, long row0, int rows, long k, uint16_t* xb) {
+  for (int r = 0; r < rows; ++r) {
+    const long row = (row0 + r) * k;
+    const float s = p.act_scale[row0 + r];
+    long c = 0;
+    for (; c + 16 <= k; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + r * k + c),
+                          (__m256i)_mm512_cvtneps_pbh(__m512(swiglu_vec(p, row, c, Vec(s)))));
+    for (; c < k; ++c) xb[r * k + c] = c10::BFloat16(swiglu_one(p, row, c, s)).x;  // RNE too
+  }
+  std::memset(xb + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+}
+#endif
 
 // one thread's share: tiles [t0, t1) with its own buffers
 void run_tiles(const Args& a, long t0, long t1) {
@@ -308,16 +360,26 @@ void run_tiles(const Args& a, long t0, long t1) {
     const float* cur = a.x ? a.x + row0 * k : nullptr;
     float* out = buf_a.get();
     float* spare = buf_b.get();
+    bool first_done = false;
 #ifdef LOWBIT_AMX
-    if (a.xb) {  // bf16 rows: copied into the L1-resident operand buffer (tiles load from it)
-      std::memcpy(buf_h.get(), a.xb + row0 * k, sizeof(uint16_t) * rows * k);
-      std::memset(buf_h.get() + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+    if (a.amx && a.nb1 && !a.r1 && (a.xb || a.sw.gate)) {  // the first operand made as bf16
+      if (a.xb) {  // bf16 rows: copied into the L1-resident operand buffer (tiles load from it)
+        std::memcpy(buf_h.get(), a.xb + row0 * k, sizeof(uint16_t) * rows * k);
+        std::memset(buf_h.get() + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+      } else {
+        swiglu_to_bf16_tile(a.sw, row0, rows, k, buf_h.get());
+      }
       amx_blocks(buf_h.get(), out, rows, k, a.blocks1, a.nb1, a.bs1);
       cur = out;
       std::swap(out, spare);
-    } else
+      first_done = true;
+    }
 #endif
-    if (a.nb1 || a.r1) {
+    if (!first_done && a.sw.gate) {
+      swiglu_rows(a.sw, row0, rows, k, spare);
+      cur = spare;
+    }
+    if (!first_done && (a.nb1 || a.r1)) {
       stage(cur, out, buf_h.get(), rows, k, a.blocks1, a.nb1, a.bs1, a.tail1, a.r1, a.amx);
       cur = out;
       std::swap(out, spare);
@@ -381,61 +443,95 @@ int tail_size(const std::optional<at::Tensor>& tail, const char* name) {
   return (int)t.size(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& blocks,
-    const std::optional<at::Tensor>& tail, const std::optional<at::Tensor>& perm,
-    const std::optional<at::Tensor>& blocks2, const std::optional<at::Tensor>& tail2,
-    int64_t bits, bool amx) {
+// the transform's fields of Args for rows of K channels, checked
+Args transform_args(int64_t k, const std::optional<at::Tensor>& blocks,
+                    const std::optional<at::Tensor>& tail, const std::optional<at::Tensor>& perm,
+                    const std::optional<at::Tensor>& blocks2,
+                    const std::optional<at::Tensor>& tail2, int64_t bits, bool amx) {
   TORCH_CHECK(bits >= 2 && bits <= 8, "lowbit: bit width must be an int in [2, 8], got ", bits);
 #ifndef LOWBIT_AMX
   TORCH_CHECK(!amx, "lowbit: amx=True but this kernel was built without AMX-BF16");
 #endif
-  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "lowbit: x must be a float tensor [..., K]");
-  const int64_t k = x.size(-1);
-  const auto [nb1, bs1] = block_sizes(blocks, amx, "blocks");
-  const auto [nb2, bs2] = block_sizes(blocks2, amx, "blocks2");
-  const int r1 = tail_size(tail, "tail"), r2 = tail_size(tail2, "tail2");
-  for (const auto& [nb, bs, r] : {std::tuple{nb1, bs1, r1}, std::tuple{nb2, bs2, r2}})
+  Args a;
+  a.k = k;
+  std::tie(a.nb1, a.bs1) = block_sizes(blocks, amx, "blocks");
+  std::tie(a.nb2, a.bs2) = block_sizes(blocks2, amx, "blocks2");
+  a.r1 = tail_size(tail, "tail");
+  a.r2 = tail_size(tail2, "tail2");
+  for (const auto& [nb, bs, r] : {std::tuple{a.nb1, a.bs1, a.r1}, std::tuple{a.nb2, a.bs2, a.r2}})
     TORCH_CHECK(!(nb || r) || (int64_t)nb * bs + r == k, "lowbit: blocks of ", nb, " x ", bs,
                 " + ", r, " channels do not cover K = ", k);
   if (perm.has_value())
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->is_contiguous() && perm->numel() == k,
                 "lowbit: perm must be contiguous int32 with K = ", k, " entries, got ",
                 perm->scalar_type(), " ", perm->sizes());
-  // bf16 rows go to the AMX first stage as they are (the rounding it would apply anyway)
-  const bool bf16_in = amx && nb1 && !r1 && x.scalar_type() == at::kBFloat16;
-  const at::Tensor xf = x.reshape({-1, k}).to(bf16_in ? at::kBFloat16 : at::kFloat).contiguous();
-  const int64_t m = xf.size(0);
-  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> scale_sizes = lead;
-  scale_sizes.push_back(1);
-  lead.push_back(k);
-  at::Tensor q = at::empty(lead, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty(scale_sizes, x.options().dtype(at::kFloat));
-  const Args a{bf16_in ? nullptr : xf.data_ptr<float>(),
-               bf16_in ? static_cast<const uint16_t*>(xf.data_ptr()) : nullptr,
-               m,
-               k,
-               data_or_null(blocks),
-               nb1,
-               bs1,
-               static_cast<const float*>(data_or_null(tail)),
-               r1,
-               static_cast<const int32_t*>(data_or_null(perm)),
-               data_or_null(blocks2),
-               nb2,
-               bs2,
-               static_cast<const float*>(data_or_null(tail2)),
-               r2,
-               (int)amx,
-               (1 << (bits - 1)) - 1,
-               LOWBIT_EPS,
-               q.data_ptr<int8_t>(),
-               scale.data_ptr<float>()};
-  const int64_t tiles = (m + TILE - 1) / TILE;
+  a.blocks1 = data_or_null(blocks);
+  a.tail1 = static_cast<const float*>(data_or_null(tail));
+  a.perm = static_cast<const int32_t*>(data_or_null(perm));
+  a.blocks2 = data_or_null(blocks2);
+  a.tail2 = static_cast<const float*>(data_or_null(tail2));
+  a.amx = (int)amx;
+  a.qmax = (1 << (bits - 1)) - 1;
+  return a;
+}
+
+// q [*lead, K] and scale [*lead, 1] for a's rows, computed
+std::tuple<at::Tensor, at::Tensor> launch(Args& a, at::IntArrayRef lead,
+                                          const at::TensorOptions& options) {
+  std::vector<int64_t> sizes(lead.begin(), lead.end());
+  sizes.push_back(a.k);
+  at::Tensor q = at::empty(sizes, options.dtype(at::kChar));
+  sizes.back() = 1;
+  at::Tensor scale = at::empty(sizes, options.dtype(at::kFloat));
+  a.q = q.data_ptr<int8_t>();
+  a.scale = scale.data_ptr<float>();
+  const int64_t tiles = (a.m + TILE - 1) / TILE;
   // one tile per task: decode (one tile) runs inline, without a parallel region
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run_tiles(a, t0, t1); });
   return {q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_rows_bits_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& blocks,
+    const std::optional<at::Tensor>& tail, const std::optional<at::Tensor>& perm,
+    const std::optional<at::Tensor>& blocks2, const std::optional<at::Tensor>& tail2,
+    int64_t bits, bool amx) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "lowbit: x must be a float tensor [..., K]");
+  const int64_t k = x.size(-1);
+  Args a = transform_args(k, blocks, tail, perm, blocks2, tail2, bits, amx);
+  // bf16 rows go to the AMX first stage as they are (the rounding it would apply anyway)
+  const bool bf16_in = amx && a.nb1 && !a.r1 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor xf = x.reshape({-1, k}).to(bf16_in ? at::kBFloat16 : at::kFloat).contiguous();
+  a.m = xf.size(0);
+  if (bf16_in)
+    a.xb = static_cast<const uint16_t*>(xf.data_ptr());
+  else
+    a.x = xf.data_ptr<float>();
+  return launch(a, x.sizes().slice(0, x.dim() - 1), x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_rotate_quantize_rows_bits_cpu(
+    const at::Tensor& gate, const at::Tensor& up, const at::Tensor& act_scale,
+    const at::Tensor& gate_scale, const at::Tensor& up_scale,
+    const std::optional<at::Tensor>& blocks, const std::optional<at::Tensor>& tail,
+    const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& blocks2,
+    const std::optional<at::Tensor>& tail2, int64_t bits, bool amx) {
+  TORCH_CHECK(gate.scalar_type() == at::kInt && up.scalar_type() == at::kInt && gate.dim() == 2 &&
+                  gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous(),
+              "lowbit: gate and up must be contiguous int32 accumulators of one shape [M, K], got ",
+              gate.scalar_type(), " ", gate.sizes(), " and ", up.scalar_type(), " ", up.sizes());
+  const int64_t m = gate.size(0), k = gate.size(1);
+  for (const auto& [t, n, name] : {std::tuple{&act_scale, m, "act_scale"},
+                                   std::tuple{&gate_scale, k, "gate_scale"},
+                                   std::tuple{&up_scale, k, "up_scale"}})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
+                "lowbit: ", name, " must be contiguous float32 with ", n, " entries, got ",
+                t->scalar_type(), " ", t->sizes());
+  Args a = transform_args(k, blocks, tail, perm, blocks2, tail2, bits, amx);
+  a.m = m;
+  a.sw = {gate.data_ptr<int32_t>(), up.data_ptr<int32_t>(), act_scale.data_ptr<float>(),
+          gate_scale.data_ptr<float>(), up_scale.data_ptr<float>()};
+  return launch(a, gate.sizes().slice(0, 1), gate_scale.options());
 }
 }  // namespace
 
@@ -449,4 +545,5 @@ extern "C" int lowbit_built_with_amx() {
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("rotate_quantize_rows_bits_cpu", &rotate_quantize_rows_bits_cpu);
+  m.impl("swiglu_rotate_quantize_rows_bits_cpu", &swiglu_rotate_quantize_rows_bits_cpu);
 }

@@ -59,7 +59,7 @@ from qcompile.kernels.cpu_weight_only import prepack_cpu
 from qcompile.kernels.packing import pack, unpack
 from qcompile.passes._folding import drop_constant
 
-from . import rms_norm_prologue
+from . import rms_norm_prologue, swiglu_prologue
 
 
 def lowering_table(target: str) -> dict:
@@ -176,6 +176,7 @@ def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
         return rewrites
     operands: dict[fx.Node, tuple | None] = {}  # block_rotate -> kernel operands
     rotations = set()
+    chains = []  # producer nodes folded into a kernel, each chain's head first
     for x, bits, qn in sites:
         dtype = _activation_dtype(x, qn)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -190,13 +191,21 @@ def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
         if operands[x] is None:
             continue
         *consts, amx = operands[x]
-        qn.target = torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
-        qn.args = (norm.z if norm else x.args[0], *consts, bits, amx)
+        swiglu = swiglu_prologue.match(x.args[0]) if SWIGLU_PROLOGUE and len(x.users) == 1 else None
+        if swiglu is not None:
+            qn.target = cpu_lowbit.swiglu_rotate_quantize_rows_bits_cpu
+            qn.args = (*swiglu.operands(), *consts, bits, amx)
+            chains.append(swiglu.chain)
+        else:
+            qn.target = torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
+            qn.args = (norm.z if norm else x.args[0], *consts, bits, amx)
         rewrites += 1
         if norm is not None:
-            x.replace_input_with(x.args[0], norm.z)  # until the rotation is dropped below
-            rms_norm_prologue.rewire(gm, qn, norm)
+            rms_norm_prologue.rescale(gm, qn, norm)
+            chains.append(norm.chain)
     _drop_fused_rotations(gm, rotations)
+    for chain in chains:  # the producers the kernels now compute (read by nothing else)
+        _erase_unread(gm, chain)
     gm.recompile()
     return rewrites
 
@@ -220,6 +229,19 @@ def _cpu_rotation_constants(gm: fx.GraphModule, rot: fx.Node, ctx, cpu_lowbit, n
         for name, t in zip(names, tensors)
     ]
     return (*nodes, ops.amx)
+
+
+def _erase_unread(gm: fx.GraphModule, chain: list[fx.Node]) -> None:
+    """Erase the nodes of ``chain`` (in order) that nothing reads, and constants they
+    alone read."""
+    for node in chain:
+        if node.users:
+            continue
+        consts = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        gm.graph.erase_node(node)
+        for c in consts:
+            if not c.users:
+                drop_constant(gm, c)
 
 
 def _merge_quantizations(graph: fx.Graph) -> tuple[dict[tuple, fx.Node], int]:
@@ -360,6 +382,8 @@ def _cpu_has_native_bf16() -> bool:
 
 #: fused sites fed by an RMSNorm read its input (``rms_norm_prologue``)
 NORM_PROLOGUE = True
+#: fused sites fed by ``silu(gate) * up`` compute it from the int32 GEMMs (``swiglu_prologue``)
+SWIGLU_PROLOGUE = True
 
 #: the block path copies its input channels-major: int8 linears producing that input
 #: (through elementwise ops only) compute their output channels-major

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.passes._folding import drop_constant
-
 _MUL = (operator.mul, torch.mul)
 _RSQRT = (torch.rsqrt,)
 
@@ -80,24 +78,19 @@ def fold_gamma(blocks, tail, gamma: torch.Tensor):
     return blocks, tail
 
 
-def rewire(gm: fx.GraphModule, qn: fx.Node, norm: NormInput) -> None:
-    """After ``qn`` reads ``norm.z``: its scales times the per-token factor, and the
-    RMSNorm's product chain and ``gamma`` constant dropped."""
+def rescale(gm: fx.GraphModule, qn: fx.Node, norm: NormInput) -> None:
+    """After ``qn`` reads ``norm.z``: every reader of its scales reads them times the
+    per-token factor, one product right after ``qn`` (the chain, now unread, is erased
+    by the caller)."""
     graph = gm.graph
-    for use in list(qn.users):
-        if use.target is operator.getitem and use.args[1] == 1:
-            readers = list(use.users)
-            with graph.inserting_after(use):
-                scaled = graph.call_function(operator.mul, (use, norm.factor))
-            for reader in readers:
-                reader.replace_input_with(use, scaled)
-    for node in norm.chain:  # site input first: each is unread once the one before goes
-        consts = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-        if not node.users:
-            graph.erase_node(node)
-        for c in consts:
-            if not c.users:
-                drop_constant(gm, c)
+    items = [u for u in qn.users if u.target is operator.getitem and u.args[1] == 1]
+    with graph.inserting_after(qn):
+        scale = graph.call_function(operator.getitem, (qn, 1))
+    with graph.inserting_after(scale):
+        scaled = graph.call_function(operator.mul, (scale, norm.factor))
+    for item in items:
+        item.replace_all_uses_with(scaled)
+        graph.erase_node(item)
 
 
 def _is_mul(n) -> bool:

@@ -168,3 +168,67 @@ def test_operand_errors_are_clear():
     else:
         with pytest.raises(RuntimeError, match="blocks must be contiguous bf16 pairs"):
             run(x, replace(ops, amx=True), 4)
+
+
+def _swiglu_operands(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randint(-3000, 3001, (m, k), generator=g, dtype=torch.int32) for _ in "gu")
+    act_scale = torch.rand(m, generator=g) * 1e-3 + 1e-4
+    gate_scale, up_scale = (torch.rand(k, generator=g) * 1e-2 + 1e-3 for _ in "gu")
+    return gate, up, act_scale, gate_scale, up_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,block", [(1, 96, 32), (37, 100, 32), (45, 128, 32), (77, 576, 64)])
+def test_swiglu_prologue_gives_the_codes_of_its_product(m, k, block, dtype):
+    """From the gate / up int32 accumulators the kernel forms ``silu(gate) * up`` per tile
+    (dequantized as int8_linear does, in float32): the codes and scales of the same
+    product computed first, up to exp's rounding (a code within one, rarely)."""
+    gate, up, act_scale, gate_scale, up_scale = _swiglu_operands(m, k, seed=m + k)
+    ops = cpu_lowbit.prepare(*_transform(k, block, seed=m), dtype=dtype)
+    q, s = torch.ops.lowbit.swiglu_rotate_quantize_rows_bits_cpu(
+        gate, up, act_scale, gate_scale, up_scale,
+        ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2, 4, ops.amx,
+    )  # fmt: skip
+    rows = act_scale.reshape(-1, 1)
+    x = torch.nn.functional.silu(gate.float() * rows * gate_scale) * (up.float() * rows * up_scale)
+    q_ref, s_ref = cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops, 4)
+    assert q.shape == q_ref.shape == (m, k) and s.shape == (m, 1)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    assert (q.int() - q_ref.int()).abs().max() <= 1
+    assert (q != q_ref).float().mean() < 0.01
+
+
+def test_swiglu_prologue_graph_function_and_errors():
+    """The graph-level function runs the two int8 GEMMs (leading dimensions kept) and the
+    op; wrong operands get errors that name them."""
+    from qcompile.kernels import cpu_int8
+
+    k_in, k = 40, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-7, 8, (2, 3, k_in), generator=g, dtype=torch.int8)
+    x_scale = torch.rand(2, 3, 1, generator=g) + 0.1
+    w_gate, w_up = (torch.randint(-7, 8, (k, k_in), generator=g, dtype=torch.int8) for _ in "gu")
+    gate_scale, up_scale = (torch.rand(k, generator=g) * 1e-2 + 1e-3 for _ in "gu")
+    ops = cpu_lowbit.prepare(*_transform(k, 32, seed=5), dtype=torch.float32)
+    consts = (ops.blocks, ops.tail, ops.perm, ops.blocks2, ops.tail2)
+    codes, scale = cpu_lowbit.swiglu_rotate_quantize_rows_bits_cpu(
+        q, x_scale, w_gate, gate_scale, w_up, up_scale, *consts, 4, False
+    )
+
+    def linear(w, ws):
+        return cpu_int8.int8_linear(q, x_scale, w, ws, None, None, torch.float32)
+
+    x = torch.nn.functional.silu(linear(w_gate, gate_scale)) * linear(w_up, up_scale)
+    q_ref, s_ref = cpu_lowbit.rotate_quantize_rows_bits_cpu(x, ops, 4)
+    assert codes.shape == (2, 3, k) and scale.shape == (2, 3, 1)
+    assert (codes.int() - q_ref.int()).abs().max() <= 1
+    torch.testing.assert_close(scale, s_ref, rtol=1e-5, atol=0)
+    op = torch.ops.lowbit.swiglu_rotate_quantize_rows_bits_cpu
+    gate, up, act_scale, gate_scale, up_scale = _swiglu_operands(3, k, seed=1)
+    with pytest.raises(RuntimeError, match="gate and up must be contiguous int32"):
+        op(gate.float(), up, act_scale, gate_scale, up_scale, *consts, 4, False)
+    with pytest.raises(RuntimeError, match="act_scale must be contiguous float32 with 3"):
+        op(gate, up, act_scale[:2], gate_scale, up_scale, *consts, 4, False)
+    with pytest.raises(RuntimeError, match="up_scale must be contiguous float32 with 64"):
+        op(gate, up, act_scale, gate_scale, up_scale.double(), *consts, 4, False)

@@ -346,12 +346,15 @@ def _cpu_transforms(traced, options) -> tuple[torch.Tensor, Counter]:
     channels-major."""
     from qcompile.backend import lowbit_backend
     from qcompile.kernels.cpu_int8 import int8_linear_channels_major
+    from qcompile.kernels.cpu_lowbit import swiglu_rotate_quantize_rows_bits_cpu
     from qcompile.kernels.lowbit_act import block_rotate_cpu
 
+    fused = (torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default,
+             swiglu_rotate_quantize_rows_bits_cpu)  # fmt: skip
     fn = lowbit_backend(traced.fresh(), traced.inputs, options={"handoff": "eager", **options})
     kinds = Counter()
     for n in fn.__self__.graph.nodes:
-        if n.target is torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default:
+        if n.target in fused:
             kinds["fused", "amx" if n.args[-1] else "fp32"] += 1
         elif n.target is block_rotate_cpu:
             kinds["unfused", n.args[-1]] += 1
@@ -391,13 +394,17 @@ def test_cpu_fused_transform_operands(tiny):
 
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("dtype", ["activation", "bfloat16"])
-def test_cpu_fused_transform_reads_the_rms_norm_input(tiny, monkeypatch, dtype):
-    """Sites fed by an RMSNorm (q/k/v, gate/up; lm_head reads a slice of the final norm:
-    not matched) read the residual stream: the
-    norm's weight scales the first stage's rows and the per-token rsqrt factor the
-    scales (lowering/rms_norm_prologue.py). Same model up to rounding; the normalized
-    activations are gone from the graph."""
+def test_cpu_fused_transform_prologues(tiny, monkeypatch, dtype):
+    """The fused kernel computes its producer where it can: sites fed by an RMSNorm
+    (q/k/v, gate/up; lm_head reads a slice of the final norm: not matched) read the
+    residual stream, the norm's weight scaling the first stage's rows and the per-token
+    rsqrt factor the scales (lowering/rms_norm_prologue.py); down_proj's site reads the
+    gate / up int32 accumulators and forms silu(gate) * up per tile
+    (lowering/swiglu_prologue.py). Same model up to rounding, with neither the
+    normalized activations nor the product in the graph."""
     from qcompile.backend import lowbit_backend
+    from qcompile.kernels.cpu_int8 import int8_linear
+    from qcompile.kernels.cpu_lowbit import swiglu_rotate_quantize_rows_bits_cpu
     from qcompile.lowering import lower, rms_norm_prologue
 
     spec, cal, traced = tiny
@@ -407,25 +414,31 @@ def test_cpu_fused_transform_reads_the_rms_norm_input(tiny, monkeypatch, dtype):
     def lowered():
         fn = lowbit_backend(traced.fresh(), traced.inputs, options=opts)
         gm = fn.__self__
-        inputs = [
-            n.args[0]
-            for n in gm.graph.nodes
-            if n.target is torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
+        nodes = list(gm.graph.nodes)
+        fused = [
+            n for n in nodes if n.target is torch.ops.lowbit.rotate_quantize_rows_bits_cpu.default
         ]
-        normed = sum(rms_norm_prologue.match(x, gm) is not None for x in inputs)
-        rsqrt_scaled = sum(
-            n.target is operator.mul and n.args[0].target is operator.getitem
-            for n in gm.graph.nodes
-        )
-        return traced.call(fn), len(inputs), normed, rsqrt_scaled
+        counts = {
+            "fused": len(fused),
+            "swiglu": sum(n.target is swiglu_rotate_quantize_rows_bits_cpu for n in nodes),
+            "linears": sum(n.target is int8_linear for n in nodes),
+            "norm inputs": sum(rms_norm_prologue.match(n.args[0], gm) is not None for n in fused),
+            "rescaled": sum(
+                n.target is operator.mul and n.args[0].target is operator.getitem for n in nodes
+            ),
+        }  # fmt: skip
+        return traced.call(fn), counts
 
-    out, fused, normed, scaled = lowered()
+    out, counts = lowered()
     monkeypatch.setattr(lower, "NORM_PROLOGUE", False)
-    out_off, fused_off, normed_off, scaled_off = lowered()
-    assert fused == fused_off == 4 * spec.layers + 1
-    assert (normed_off, scaled_off) == (2 * spec.layers, 0)
-    # every q/k/v and gate/up scale output rescaled (q, k, v: three readers)
-    assert (normed, scaled) == (0, 5 * spec.layers)
+    monkeypatch.setattr(lower, "SWIGLU_PROLOGUE", False)
+    out_off, counts_off = lowered()
+    layers, sites = spec.layers, 7 * spec.layers + 1
+    assert counts_off == {"fused": 4 * layers + 1, "swiglu": 0, "linears": sites,
+                          "norm inputs": 2 * layers, "rescaled": 0}  # fmt: skip
+    # q, k, v and gate, up read their site's scales times the rsqrt factor (one product)
+    assert counts == {"fused": 3 * layers + 1, "swiglu": layers, "linears": sites - 2 * layers,
+                      "norm inputs": 0, "rescaled": 2 * layers}  # fmt: skip
     tolerance = 1e-3 if dtype == "activation" else 0.1  # bf16: gamma rounded with the block
     assert rel_err(out, out_off) < tolerance
     assert rel_err(out, traced.eager) < 1.1 * rel_err(out_off, traced.eager)
@@ -474,8 +487,10 @@ def test_w4a4_duquant_triton_target_matches_cpu_target(tiny):
     assert ops["lowbit.int4_linear_triton.default"] == sites
     assert not {"block_rotate", "lowbit.int8_linear_triton.default"} & set(ops)
     assert "lowbit.quantize_rows_bits.default" not in ops
-    assert ops_cpu["lowbit.rotate_quantize_rows_bits_cpu.default"] == groups
-    assert ops_cpu["int8_linear"] == sites
+    # down_proj's site forms silu(gate) * up from the gate / up GEMMs (swiglu_prologue)
+    assert ops_cpu["lowbit.rotate_quantize_rows_bits_cpu.default"] == groups - spec.layers
+    assert ops_cpu["swiglu_rotate_quantize_rows_bits_cpu"] == spec.layers
+    assert ops_cpu["int8_linear"] == sites - 2 * spec.layers
     assert all(4 < row.bits_per_weight < 5 for row in report.sites)  # packed int4 + scales
     # exact integer GEMMs on both targets; the fused transform sums in another order
     assert rel_err(out, out_cpu) < 1e-3
