@@ -14,10 +14,13 @@ and sums of the reference, in another order); ``"bfloat16"`` rounds the activati
 the block matrices to bf16 and multiplies them with AMX tiles accumulating in fp32 (the
 same numerics as ``block_rotate_cpu`` on bf16 operands). bf16 needs a CPU with AMX-BF16
 (``amx_available``) and blocks of a multiple of 32 channels; remainder blocks are fp32.
-Activations of any float dtype are read; on the AMX path bf16 ones (a bf16 model's)
-go to the first stage as they are, other dtypes are widened to fp32 first.
+``lowbit::swiglu_rotate_quantize_rows_bits_cpu`` is the same kernel on ``silu(gate) *
+up`` formed per tile from the int32 accumulators of the gate and up linears (see
+:func:`swiglu_rotate_quantize_rows_bits_cpu`). Activations of any float dtype are
+read; on the AMX path bf16 ones (a bf16 model's) go to the first stage as they are,
+other dtypes are widened to fp32 first.
 
-The op's schema and fake are defined here; its CPU implementation is C++ registered with
+The ops' schemas and fakes are defined here; their CPU implementation is C++ registered with
 the dispatcher (so a call costs no Python: a decode step makes one per input node), built
 on first use by inductor's C++ builder (its compiler flags for this CPU; cached on disk
 across processes, like inductor's own kernels: about 15 s once per machine) and loaded by

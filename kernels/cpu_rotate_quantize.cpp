@@ -13,14 +13,19 @@
 //   * AMX (amx != 0; built only where the compiler targets AMX-BF16): the rows rounded to
 //     bf16, the block's matrix given as bf16 pairs, fp32 accumulation in tiles.
 // Remainder blocks (T1, T2) always take the fp32 path. bf16 activations skip the widening
-// to fp32 where the first stage is AMX without a remainder block (it rounds to bf16 anyway). The quantization is the
-// reference's: absmax clamped below by eps, codes round-half-even(y * (qmax / absmax))
-// clamped to [-qmax, qmax], scale absmax / qmax (eps is LOWBIT_EPS, which the loader
-// defines from qcompile.kernels.reference.EPS).
+// to fp32 where the first stage is AMX without a remainder block (it rounds to bf16 anyway).
+// The quantization is the reference's: absmax clamped below by eps, codes
+// round-half-even(y * (qmax / absmax)) clamped to [-qmax, qmax], scale absmax / qmax (eps is
+// LOWBIT_EPS, which the loader defines from qcompile.kernels.reference.EPS).
 //
-// The CPU implementation of the op lowbit::rotate_quantize_rows_bits_cpu (its schema and
-// fake are defined in Python); built and loaded by qcompile.kernels.cpu_lowbit with
-// inductor's C++ builder and cache. A C++ op, so a decode step's call costs no Python.
+// The rows are x's, or (lowbit::swiglu_rotate_quantize_rows_bits_cpu) silu(gate) * up formed
+// per tile from the int32 accumulators of the gate and up linears, so that product is never
+// stored.
+//
+// The CPU implementation of the ops lowbit::rotate_quantize_rows_bits_cpu and
+// lowbit::swiglu_rotate_quantize_rows_bits_cpu (their schemas and fakes are defined in
+// Python); built and loaded by qcompile.kernels.cpu_lowbit with inductor's C++ builder and
+// cache. A C++ op, so a decode step's call costs no Python.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -305,8 +310,10 @@ struct Args {
 
 inline Vec swiglu_vec(const Swiglu& p, long row, long c, const Vec& s) {
   using IVec = at::vec::Vectorized<int32_t>;
-  const Vec g = at::vec::convert<float>(IVec::loadu(p.gate + row + c)) * s * Vec::loadu(p.gate_scale + c);
-  const Vec u = at::vec::convert<float>(IVec::loadu(p.up + row + c)) * s * Vec::loadu(p.up_scale + c);
+  const Vec g =
+      at::vec::convert<float>(IVec::loadu(p.gate + row + c)) * s * Vec::loadu(p.gate_scale + c);
+  const Vec u =
+      at::vec::convert<float>(IVec::loadu(p.up + row + c)) * s * Vec::loadu(p.up_scale + c);
   return g / (Vec(1.f) + g.neg().exp()) * u;
 }
 

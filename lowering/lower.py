@@ -11,7 +11,10 @@ Postcondition:
     merged, and each one reading a ``block_rotate`` becomes
     ``lowbit::rotate_quantize_rows_bits_cpu`` (``kernels.cpu_lowbit``: transform and
     quantization in one pass, operands in the dtype of :func:`cpu_transform_dtype`:
-    bf16 on AMX for <= 6-bit activations where the CPU has it, by default, else fp32);
+    bf16 on AMX for <= 6-bit activations where the CPU has it, by default, else fp32),
+    which also computes the site's producer where it is an RMSNorm (it reads the norm's
+    input: ``rms_norm_prologue``) or ``silu(gate) * up`` of two int8 linears (it reads
+    their int32 GEMMs: ``swiglu_prologue``);
     the rest keep their aten functions in ``qcompile.kernels.lowbit_act``
     (``quantize_rows_bits`` without a transform; a ``block_rotate`` over
     ``cpu_lowbit.MAX_FUSED_BLOCK`` channels or read by something else becomes
