@@ -53,6 +53,11 @@ constexpr int AMX_ROWS = 16;  // rows of one AMX tile
 // rows rounded up to whole AMX tiles
 inline int amx_padded(int rows) { return (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; }
 
+// zero the bf16 rows after the first `rows` up to a whole AMX tile (AMX multiplies 16 rows)
+inline void zero_padding_rows(uint16_t* xb, int rows, long k) {
+  std::memset(xb + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+}
+
 // y[r, 0:BS] = x[r, 0:BS] @ m[BS, BS] for RT rows (row strides ldx, ldy)
 template <int BS, int RT>
 inline void fp32_rows(const float* __restrict x, long ldx, const float* __restrict m,
@@ -180,7 +185,7 @@ inline void to_bf16_tile(const float* x, uint16_t* xb, int rows, long k) {
     _mm256_mask_storeu_epi16(xb + c, mask,
                              (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + c)));
   }
-  std::memset(xb + n, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+  zero_padding_rows(xb, rows, k);
 }
 
 // out[r, c] = bf16(in[r, perm[c]]) (rows up to a whole AMX tile zero): the permutation and the
@@ -197,7 +202,7 @@ inline void gather_to_bf16_tile(const float* in, const int32_t* perm, uint16_t* 
       _mm256_mask_storeu_epi16(dst + c, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
-  std::memset(xb + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+  zero_padding_rows(xb, rows, k);
 }
 
 // y[:, blocks] = xb @ diag(blocks...) for a tile whose bf16 rows are in xb (padded to whole
@@ -346,7 +351,7 @@ inline void swiglu_to_bf16_tile(const Swiglu& p, long row0, int rows, long k, ui
                           (__m256i)_mm512_cvtneps_pbh(__m512(swiglu_vec(p, row, c, Vec(s)))));
     for (; c < k; ++c) xb[r * k + c] = c10::BFloat16(swiglu_one(p, row, c, s)).x;  // RNE too
   }
-  std::memset(xb + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+  zero_padding_rows(xb, rows, k);
 }
 #endif
 
@@ -372,7 +377,7 @@ void run_tiles(const Args& a, long t0, long t1) {
     if (a.amx && a.nb1 && !a.r1 && (a.xb || a.sw.gate)) {  // the first operand made as bf16
       if (a.xb) {  // bf16 rows: copied into the L1-resident operand buffer (tiles load from it)
         std::memcpy(buf_h.get(), a.xb + row0 * k, sizeof(uint16_t) * rows * k);
-        std::memset(buf_h.get() + rows * k, 0, sizeof(uint16_t) * (amx_padded(rows) - rows) * k);
+        zero_padding_rows(buf_h.get(), rows, k);
       } else {
         swiglu_to_bf16_tile(a.sw, row0, rows, k, buf_h.get());
       }

@@ -148,7 +148,7 @@ def fuse_lowbit_triton(gm: fx.GraphModule, ctx: PassContext | None = None) -> in
             site = sites.get(lin)
             if site is not None:  # 4-bit codes plus a float32 scale per output row
                 site.bits_per_weight = 4 + 32 / site.in_features
-    _drop_fused_rotations(gm, rotations)
+    _erase_unread(gm, rotations)  # the block_rotate nodes the kernels replaced
     gm.recompile()
     return rewrites
 
@@ -206,7 +206,7 @@ def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
         if norm is not None:
             rms_norm_prologue.rescale(gm, qn, norm)
             chains.append(norm.chain)
-    _drop_fused_rotations(gm, rotations)
+    _erase_unread(gm, rotations)  # the block_rotate nodes the kernels replaced
     for chain in chains:  # the producers the kernels now compute (read by nothing else)
         _erase_unread(gm, chain)
     gm.recompile()
@@ -234,10 +234,10 @@ def _cpu_rotation_constants(gm: fx.GraphModule, rot: fx.Node, ctx, cpu_lowbit, n
     return (*nodes, ops.amx)
 
 
-def _erase_unread(gm: fx.GraphModule, chain: list[fx.Node]) -> None:
-    """Erase the nodes of ``chain`` (in order) that nothing reads, and constants they
-    alone read."""
-    for node in chain:
+def _erase_unread(gm: fx.GraphModule, nodes) -> None:
+    """Erase the ``nodes`` (in order) that nothing reads, and the constants they alone
+    read."""
+    for node in nodes:
         if node.users:
             continue
         consts = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
@@ -265,17 +265,6 @@ def _merge_quantizations(graph: fx.Graph) -> tuple[dict[tuple, fx.Node], int]:
             else:
                 quantize[key] = node
     return quantize, merged
-
-
-def _drop_fused_rotations(gm: fx.GraphModule, rotations) -> None:
-    """Erase the ``block_rotate`` nodes nothing reads any more, and their constants."""
-    for rot in rotations:
-        if not rot.users:
-            consts = [a for a in rot.args[1:] if isinstance(a, fx.Node)]
-            gm.graph.erase_node(rot)
-            for c in consts:
-                if not c.users:
-                    drop_constant(gm, c)
 
 
 def _is_block_rotate(node) -> bool:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-_MUL = (operator.mul, torch.mul)
+from qcompile.passes.fusion_analysis import MUL_TARGETS
+
 _RSQRT = (torch.rsqrt,)
 
 
@@ -96,10 +97,8 @@ def rescale(gm: fx.GraphModule, qn: fx.Node, norm: NormInput) -> None:
 def _is_mul(n) -> bool:
     return (
         isinstance(n, fx.Node)
-        and (
-            (n.op == "call_function" and n.target in _MUL)
-            or (n.op == "call_method" and n.target == "mul")
-        )
+        and n.op in ("call_function", "call_method")
+        and n.target in MUL_TARGETS
         and len(n.args) == 2
         and not n.kwargs
     )

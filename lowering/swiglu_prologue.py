@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-_MUL = (operator.mul, torch.mul)
+from qcompile.passes.fusion_analysis import MUL_TARGETS
+
 _SILU = (torch.nn.functional.silu,)
 
 
@@ -42,7 +43,7 @@ class SwigluInput:
 
 def match(x: fx.Node) -> SwigluInput | None:
     """The SwiGLU producing ``x``, or None."""
-    if not _single_use_call(x, _MUL) or len(x.args) != 2:
+    if not _single_use_call(x, MUL_TARGETS) or len(x.args) != 2:
         return None
     a, b = x.args
     act, up = (a, b) if _is_silu(a) else (b, a) if _is_silu(b) else (None, None)
