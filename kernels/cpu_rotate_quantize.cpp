@@ -16,7 +16,8 @@
 // to fp32 where the first stage is AMX without a remainder block (it rounds to bf16 anyway).
 // The quantization is the reference's: absmax clamped below by eps, codes
 // round-half-even(y * (qmax / absmax)) clamped to [-qmax, qmax], scale absmax / qmax (eps is
-// LOWBIT_EPS, which the loader defines from qcompile.kernels.reference.EPS).
+// LOWBIT_EPS, which the loader defines from qcompile.kernels.reference.EPS); a NaN in a row
+// makes its absmax, hence its scale, NaN, as the reference's.
 //
 // The rows are x's, or (lowbit::swiglu_rotate_quantize_rows_bits_cpu) silu(gate) * up formed
 // per tile from the int32 accumulators of the gate and up linears, so that product is never
@@ -248,9 +249,34 @@ inline void gather_columns(const float* in, const int32_t* perm, float* out, int
   }
 }
 
-inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q, float* scale) {
-  // absmax: four independent chains (one chain is latency-bound); maximum() keeps NaNs
-  Vec m0(0.f), m1(0.f), m2(0.f), m3(0.f);
+// max |y[0:k]|; a NaN wins (as in the reference's amax), so the row's scale is NaN and the
+// NaN reaches the linear's output instead of finite codes
+inline float absmax_row(const float* y, long k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // the integer max of the sign-cleared bit patterns: for non-negative floats the integer
+  // order is the float order, with NaNs above +inf; four chains (one is latency-bound)
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+  long c = 0;
+  for (; c + 64 <= k; c += 64) {
+    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(y + c), magnitude));
+    m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(y + c + 16), magnitude));
+    m2 = _mm512_max_epu32(m2, _mm512_and_si512(_mm512_loadu_si512(y + c + 32), magnitude));
+    m3 = _mm512_max_epu32(m3, _mm512_and_si512(_mm512_loadu_si512(y + c + 48), magnitude));
+  }
+  for (; c + 16 <= k; c += 16)
+    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(y + c), magnitude));
+  if (c < k) {
+    const __mmask16 tail = (__mmask16)((1u << (k - c)) - 1);
+    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, y + c), magnitude));
+  }
+  const uint32_t bits = _mm512_reduce_max_epu32(
+      _mm512_max_epu32(_mm512_max_epu32(m0, m1), _mm512_max_epu32(m2, m3)));
+  float amax;
+  std::memcpy(&amax, &bits, sizeof amax);
+  return amax;
+#else
+  Vec m0(0.f), m1(0.f), m2(0.f), m3(0.f);  // maximum() keeps NaNs
   long c = 0;
   for (; c + 4 * V <= k; c += 4 * V) {
     m0 = at::vec::maximum(m0, Vec::loadu(y + c).abs());
@@ -262,22 +288,32 @@ inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q,
   const Vec vmax = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
   alignas(64) float lanes[V];
   vmax.store(lanes);
-  float amax = 0.f;
-  for (int j = 0; j < V; ++j) amax = std::max(amax, lanes[j]);
-  for (; c < k; ++c) amax = std::max(amax, std::fabs(y[c]));
-  amax = std::max(amax, eps);
-  const float inv = (float)qmax / amax;
-  const Vec vinv(inv), lo((float)-qmax), hi((float)qmax);
-  for (c = 0; c + V <= k; c += V) {
-    const Vec v = at::vec::clamp((Vec::loadu(y + c) * vinv).round(), lo, hi);
-#if defined(CPU_CAPABILITY_AVX512)
-    // v holds integers in [-qmax, qmax]: exact as int32, then narrowed to 16 bytes
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(__m512(v))));
-#else
-    at::vec::convert<int8_t>(v).store(q + c, V);
+  float amax = 0.f;  // std::max(a, NaN) would drop a NaN
+  for (int j = 0; j < V; ++j) amax = std::isnan(lanes[j]) ? lanes[j] : std::max(amax, lanes[j]);
+  for (; c < k; ++c) amax = std::isnan(y[c]) ? y[c] : std::max(amax, std::fabs(y[c]));
+  return amax;
 #endif
-  }
+}
+
+inline void quantize_row(const float* y, long k, int qmax, float eps, int8_t* q, float* scale) {
+  const float amax = std::max(absmax_row(y, k), eps);  // a NaN stays (NaN < eps is false)
+  const float inv = (float)qmax / amax;
+  long c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // |y| <= amax, so |y * inv| rounds to at most qmax: the conversion (round-half-even, set
+  // per instruction) and the saturating narrowing to 16 bytes need no clamp; the same codes
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; c + 16 <= k; c += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c),
+                     _mm512_cvtsepi32_epi8(_mm512_cvt_roundps_epi32(
+                         _mm512_mul_ps(_mm512_loadu_ps(y + c), vinv),
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
+  const Vec vinv(inv), lo((float)-qmax), hi((float)qmax);
+  for (; c + V <= k; c += V)
+    at::vec::convert<int8_t>(at::vec::clamp((Vec::loadu(y + c) * vinv).round(), lo, hi))
+        .store(q + c, V);
+#endif
   for (; c < k; ++c)
     q[c] = (int8_t)std::min(std::max(std::nearbyint(y[c] * inv), (float)-qmax), (float)qmax);
   *scale = amax / (float)qmax;

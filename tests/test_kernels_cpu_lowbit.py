@@ -147,6 +147,31 @@ def test_bf16_request_without_amx_blocks_runs_fp32():
     assert torch.equal(q, _fused(x, transform, 4, torch.float32)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,block", [(100, 32), (576, 64)])
+def test_a_nan_row_gets_a_nan_scale(k, block, dtype):
+    """A NaN anywhere in a row (spread over its block by the rotation) makes that row's
+    scale NaN, as the reference's, so it reaches the linear's output instead of finite
+    codes; the other rows are as without it. Also for one token and a plain
+    quantization (no transform)."""
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(k)) * 3
+    bad = x.clone()
+    bad[4, 7] = float("nan")
+    bad[11, k - 1] = float("nan")  # the last channel: past the vector loop when k = 100
+    for transform in (_transform(k, block, seed=2), (None,) * 5):
+        for bits in (4, 8):
+            q, s, _ = _fused(bad, transform, bits, dtype)
+            q_ok, s_ok, _ = _fused(x, transform, bits, dtype)
+            _, s_ref = la.rotate_quantize_rows_bits(bad, *transform, bits)
+            nan_rows = torch.isnan(s_ref.flatten())
+            assert nan_rows.tolist() == [r in (4, 11) for r in range(19)]
+            assert torch.equal(torch.isnan(s.flatten()), nan_rows)
+            assert torch.equal(q[~nan_rows], q_ok[~nan_rows])
+            assert torch.equal(s[~nan_rows], s_ok[~nan_rows])
+            _, s_one, _ = _fused(bad[4:5], transform, bits, dtype)
+            assert torch.isnan(s_one).all()
+
+
 def test_operand_errors_are_clear():
     from dataclasses import replace
 
