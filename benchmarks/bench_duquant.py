@@ -199,6 +199,13 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--no-latency", action="store_true", help="perplexity and pass time only")
     ap.add_argument("--ab-rounds", type=int, default=10, help="0: no interleaved prefill A/B")
+    ap.add_argument(
+        "--ab-recipes",
+        nargs="+",
+        default=["w8a8", "w4a4-rtn", "w4a4-duquant"],
+        help="recipes of the interleaved prefill A/B, the first one the baseline "
+        "(w4a4-rtn: the same int8 GEMMs without DuQuant's online transforms)",
+    )
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib-batches", type=int, default=8)
@@ -223,13 +230,13 @@ def main() -> None:
     print_table(rows, args)
 
     if args.ab_rounds > 0:
-        ab = interleaved_prefill(
-            model, tokens[:, :512], calibration, ["w8a8", "w4a4-duquant"], args.ab_rounds
-        )
-        print(f"\nprefill 1 x 512, w8a8 and w4a4-duquant alternated ({args.ab_rounds} rounds):")
+        recipes, base = args.ab_recipes, args.ab_recipes[0]
+        ab = interleaved_prefill(model, tokens[:, :512], calibration, recipes, args.ab_rounds)
+        print(f"\nprefill 1 x 512, {', '.join(recipes)} alternated ({args.ab_rounds} rounds):")
         for recipe, (ms, ratio) in ab.items():
             print(
-                f"  {recipe:<14} median {ms:7.1f} ms   x w8a8 (median of paired ratios) {ratio:.2f}"
+                f"  {recipe:<14} median {ms:7.1f} ms   x {base} (median of paired ratios) "
+                f"{ratio:.3f}"
             )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
