@@ -185,16 +185,18 @@ def fuse_lowbit_cpu(gm: fx.GraphModule, ctx: PassContext) -> int:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             continue
         rotations.add(x)
+        # the kernel computes the producer only where nothing else reads the transformed input
+        sole_reader = len(x.users) == 1
         first_stage = x.args[1] is not None or x.args[2] is not None
-        norm = rms_norm_prologue.match(x.args[0], gm) if NORM_PROLOGUE and first_stage else None
-        if norm is not None and len(x.users) != 1:
-            norm = None  # the transformed activations have another reader
+        norm = None
+        if NORM_PROLOGUE and first_stage and sole_reader:
+            norm = rms_norm_prologue.match(x.args[0], gm)
         if x not in operands:
             operands[x] = _cpu_rotation_constants(gm, x, ctx, cpu_lowbit, norm)
         if operands[x] is None:
             continue
         *consts, amx = operands[x]
-        swiglu = swiglu_prologue.match(x.args[0]) if SWIGLU_PROLOGUE and len(x.users) == 1 else None
+        swiglu = swiglu_prologue.match(x.args[0]) if SWIGLU_PROLOGUE and sole_reader else None
         if swiglu is not None:
             qn.target = cpu_lowbit.swiglu_rotate_quantize_rows_bits_cpu
             qn.args = (*swiglu.operands(), *consts, bits, amx)
