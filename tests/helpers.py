@@ -6,6 +6,7 @@ Import as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``).
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -164,3 +165,77 @@ class Traced:
 
         opts = {"handoff": "eager", **(options or {})}
         return self.call(lowbit_backend(self.fresh(), self.inputs, options=opts))
+
+
+def site_kernels_program(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Every quantized site of a lowered graph as one program of its own, fed the inputs
+    the site reads: ``(program, inputs)``, where ``inputs`` are ``gm``'s nodes whose
+    values the program's placeholders take, in order, and the program returns each
+    site's output.
+
+    A site's slice is its output node and, recursively, what it reads among the graph's
+    constants and the nodes lowbit inserted for it (``lowbit.*`` meta, or reading only
+    such nodes and constants: the quantization, the outlier partial, getitems); the
+    activations it reads from the rest of the model are the inputs. Running the program
+    eagerly and compiled by inductor on the same inputs compares the site kernels
+    themselves, apart from the float rounding of the model around them, which the
+    quantization of the next site can amplify into a different code (a chaotic effect
+    that grows with depth; docs/results.md).
+    """
+    outputs = [
+        n for n in gm.graph.nodes
+        if n.op == "call_function" and "lowbit.site" in n.meta and n.users
+    ]  # fmt: skip
+    inside: set[fx.Node] = set()
+    inputs: list[fx.Node] = []
+
+    def visit(node: fx.Node) -> None:
+        if node in inside:
+            return
+        inside.add(node)
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" or _inserted_by_lowbit(arg):
+                visit(arg)
+            elif arg not in inputs:
+                inputs.append(arg)
+
+    for out in outputs:
+        visit(out)
+    graph = fx.Graph()
+    env = {node: graph.placeholder(f"in_{i}") for i, node in enumerate(inputs)}
+    for node in gm.graph.nodes:
+        if node in inside and node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(gm, graph), inputs
+
+
+def _inserted_by_lowbit(node: fx.Node) -> bool:
+    """A node a lowbit pass put into the graph for a site (not the model's own)."""
+    if node.op != "call_function":
+        return False
+    if any(k.startswith("lowbit.") for k in node.meta):
+        return True
+    module = getattr(node.target, "__module__", None) or ""
+    if module.startswith("qcompile") or "lowbit" in str(node.target):
+        return True
+    # dynamo lifts the model's parameters to placeholders: a constant is lowbit's
+    if any(a.op == "get_attr" for a in node.all_input_nodes):
+        return True
+    return node.target is operator.getitem and _inserted_by_lowbit(node.args[0])
+
+
+def node_values(gm: fx.GraphModule, args, nodes: list[fx.Node]) -> list:
+    """The values ``nodes`` of ``gm`` take when it runs on ``args`` (``fx.Interpreter``)."""
+    wanted, values = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                values[n] = value
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(*args)
+    return [values[n] for n in nodes]
