@@ -8,7 +8,8 @@ Rewrite, per site whose recipe is int8 weights and int8 activations:
     lowbit.int8_linear(q, s, W_q, w_scale, b, partial, dtype)
 
 with ``W_q, w_scale = absmax int8 of W`` (per output channel; the inlier weight
-when the site was split), stored as new constants of the graph. Sites marked for
+when the site was split), stored as new constants of the graph; sites reading the same
+input with the same mask (q/k/v, gate/up) share one ``quantize_rows``. Sites marked for
 the dynamic split become ``lowbit.int8_mixed_linear_dynamic``. The products are
 stored in ``qcompile.artifacts`` (with the split's, if any) and reused instead of
 recomputed when they match (same weight, recipe, options and outlier columns;
@@ -38,6 +39,7 @@ from qcompile.recipes import get_recipe
 
 def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
+    quantized = {}  # (input, inlier mask) -> the (codes, scales) nodes its sites share
     for site in ctx.sites:
         recipe = get_recipe(site.scheme)
         if (
@@ -69,6 +71,7 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         if art is None:
             meta = {
                 "outlier_channels": list(site.outlier_channels),
+                "outlier_rule": site.outlier_rule,
                 "bits": 8,
                 "method": site.method,
                 "weight_sqnr_db": site.weight_sqnr_db,
@@ -92,9 +95,13 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
             else:
                 mask = node.meta.get("lowbit.inlier_mask")
                 partial = node.meta.get("lowbit.outlier_partial")
-                qs = g.call_function(torch.ops.lowbit.quantize_rows.default, (x, mask))
-                q = g.call_function(operator.getitem, (qs, 0))
-                s = g.call_function(operator.getitem, (qs, 1))
+                if (x, mask) not in quantized:  # q/k/v, gate/up: one quantization
+                    qs = g.call_function(torch.ops.lowbit.quantize_rows.default, (x, mask))
+                    quantized[x, mask] = (
+                        g.call_function(operator.getitem, (qs, 0)),
+                        g.call_function(operator.getitem, (qs, 1)),
+                    )
+                q, s = quantized[x, mask]
                 y = g.call_function(
                     torch.ops.lowbit.int8_linear.default,
                     (q, s, wq_node, ws_node, bias, partial, out_dtype),

@@ -11,6 +11,8 @@ site's new node (``meta["lowbit.site"]``) and will be quantized; it carries
 ``meta["lowbit.inlier_mask"]`` (the constant node of the bool mask over K) and
 ``meta["lowbit.outlier_partial"]`` / ``meta["lowbit.split_sum"]`` (the
 full-precision partial and the add). The second stays in full precision.
+Sites that read one input with the same outlier columns (q/k/v, gate/up) share the
+``index_select`` and the mask constant, so their quantizations are one.
 Numerical contract: exact in real arithmetic (float rounding of one extra add).
 When the site's products are stored (``qcompile.artifacts``: same weight, recipe,
 options and outlier columns, or a released weight), the stored index, mask and
@@ -36,6 +38,7 @@ from qcompile.recipes import get_recipe
 
 def split_mixed_mm(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
+    shared = {}  # (input node, outlier columns) -> (inlier mask constant, gathered columns)
     for site in ctx.sites:
         recipe = get_recipe(site.scheme)
         if site.skip_reason or not (recipe.quantize and recipe.mixed):
@@ -69,16 +72,22 @@ def split_mixed_mm(gm: fx.GraphModule, ctx: PassContext) -> int:
             }
 
         g = gm.graph
-        idx_node = add_constant(gm, f"lowbit_{site.fqn}_outlier_idx", cols, node)
-        mask_node = add_constant(gm, f"lowbit_{site.fqn}_inlier_mask", inlier_mask, node)
+        key = (x, tuple(site.outlier_channels))
+        if key not in shared:  # q/k/v (gate/up) read one input: one gather, one mask
+            idx_node = add_constant(gm, f"lowbit_{site.fqn}_outlier_idx", cols, node)
+            mask_node = add_constant(gm, f"lowbit_{site.fqn}_inlier_mask", inlier_mask, node)
+            with g.inserting_before(node):
+                x_out = g.call_function(torch.index_select, (x, -1, idx_node))
+            x_out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            shared[key] = (mask_node, x_out)
+        mask_node, x_out = shared[key]
         w_out_node = add_constant(gm, f"lowbit_{site.fqn}_w_outlier", w_outlier, node)
         w_in_node = add_constant(gm, f"lowbit_{site.fqn}_w_inlier", w_inlier, node)
         with g.inserting_before(node):
-            x_out = g.call_function(torch.index_select, (x, -1, idx_node))
             partial = g.call_function(torch._C._nn.linear, (x_out, w_out_node))
             y_in = g.call_function(torch._C._nn.linear, (x, w_in_node, bias))
             y = g.call_function(operator.add, (y_in, partial))
-        for n in (x_out, partial, y_in, y):
+        for n in (partial, y_in, y):
             n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         for n in (partial, y_in, y):  # same shape and dtype as the original output
             n.meta["example_value"] = node.meta.get("example_value")

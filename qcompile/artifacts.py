@@ -173,6 +173,7 @@ def site_key(site, ctx) -> dict:
     elif recipe.mixed:
         key["outlier_mode"] = ctx.options.outlier_mode
         key["threshold"] = ctx.options.threshold
+        key["outlier_ratio"] = ctx.options.outlier_ratio
     elif low_bit(recipe) and recipe.transform is not None:
         key["act_dtype"] = dtype_name(act_dtype(site))
         if recipe.transform == "duquant":

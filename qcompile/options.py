@@ -28,7 +28,12 @@ OPTION_HELP = {
     "target": "'auto' (by the weights' device), 'cpu' or 'triton'",
     "debug_dir": "folder for per-pass graph dumps and the explain report (or env LOWBIT_DEBUG_DIR)",
     "overrides": "dict from FQN glob to recipe name, e.g. {'lm_head': 'fp'}",
-    "threshold": "LLM.int8() outlier threshold on |activation| (default 6.0)",
+    "threshold": "LLM.int8() outlier threshold on |activation| (6.0); given without "
+    "'outlier_ratio', it chooses the static columns (LLM.int8()'s absolute rule); the "
+    "dynamic mode always uses it",
+    "outlier_ratio": "static outlier columns: a channel whose calibrated max |x| reaches this "
+    "multiple of the site's median channel max |x| (default 3.0; 0: the absolute "
+    "'threshold' instead)",
     "outlier_mode": "'static' (calibrated columns, default) or 'dynamic' (chosen per batch)",
     "handoff": "'inductor' (default) or 'eager' (keep the lowered graph in Python, for debugging)",
     "gptq": "GPTQ settings for '-gptq' recipes: {'act_order': True, 'damp': 0.01, "
@@ -72,6 +77,11 @@ class Options:
     debug_dir: str | None = None
     overrides: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     threshold: float = 6.0
+    # int8-mixed on SmolLM2-135M, perplexity / fp on the reference / docstrings / legal
+    # texts (eager hand-off, docs/results.md): absolute threshold 6: 1.011 / 1.010 / 1.036
+    # with 4803 fp columns; ratio 6: 1.014 / 1.018 / 1.032 (535); ratio 4: 1.006 / 1.013 /
+    # 1.024 (1711); ratio 3: 1.005 / 1.003 / 1.011 (3578)
+    outlier_ratio: float = 3.0
     outlier_mode: str = "static"
     handoff: str = "inductor"
     gptq: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType(dict(GPTQ_DEFAULTS)))
@@ -113,10 +123,18 @@ class Options:
             get_recipe(recipe)
         options["overrides"] = MappingProxyType(dict(overrides))
 
+        absolute_rule = "threshold" in options  # the user asked for LLM.int8()'s own rule
         threshold = options.get("threshold", cls.threshold)
         if not isinstance(threshold, (int, float)) or threshold != threshold or threshold < 0:
             raise ValueError(f"lowbit option 'threshold' must be a number >= 0, got {threshold!r}")
         options["threshold"] = float(threshold)
+        ratio = options.get("outlier_ratio", 0.0 if absolute_rule else cls.outlier_ratio)
+        if not isinstance(ratio, (int, float)) or ratio != ratio or ratio < 0:
+            raise ValueError(
+                f"lowbit option 'outlier_ratio' must be a number >= 0 (0: use the absolute "
+                f"'threshold'), got {ratio!r}"
+            )
+        options["outlier_ratio"] = float(ratio)
 
         calibration = options.get("calibration")
         if calibration is not None and not isinstance(calibration, Calibration):

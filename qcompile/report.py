@@ -23,6 +23,7 @@ class SiteRow:
     transforms: str | None = None  # input transforms (smooth, rotate): fused or online
     act_absmax_before: float | None = None  # max |x| on the calibration sample, before them
     act_absmax_after: float | None = None  # ... and after them
+    outlier_rule: str | None = None  # the limit that chose the outlier channels (int8-mixed)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Report:
 
     def __str__(self) -> str:
         head = ("site", "in", "out", "scheme", "#outl", "outlier channels", "w SQNR dB")
+        rules = any(r.outlier_rule for r in self.sites)
         body = []
         for r in self.sites:
             ch = ",".join(map(str, r.outlier_channels[:6])) + (
@@ -123,10 +125,13 @@ class Report:
                 (r.fqn, str(r.in_features), str(r.out_features), scheme,
                  str(len(r.outlier_channels)), ch, sq)
             )  # fmt: skip
-        left = (0, 3, 5, 8)
+        if rules:  # int8-mixed: which limit put those columns in full precision
+            head += ("outlier rule",)
+            body = [row + (r.outlier_rule or "",) for row, r in zip(body, self.sites)]
         if any(r.transforms or r.act_absmax_before is not None for r in self.sites):
             head += ("max|x| before>after", "transforms")  # low-bit recipes (DuQuant, ...)
             body = [row + _transform_cells(r) for row, r in zip(body, self.sites)]
+        left = [i for i, h in enumerate(head) if h in _LEFT_ALIGNED]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = "  ".join(f"{{:{'<' if i in left else '>'}{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
@@ -138,6 +143,9 @@ class Report:
                 + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_times.items())
             )
         return "\n".join(lines)
+
+
+_LEFT_ALIGNED = ("site", "scheme", "outlier channels", "transforms", "outlier rule")
 
 
 def _transform_cells(r: SiteRow) -> tuple[str, str]:

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from torch import fx
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qcompile.options import Options
+from qcompile.pipeline import run_pipeline
+
 # (hidden_size, num_attention_heads, num_key_value_heads): hidden sizes that are
 # not powers of two, and grouped-query attention (fewer KV heads than heads).
 SHAPES = [(24, 4, 2), (40, 4, 1), (40, 4, 2), (48, 6, 2), (48, 6, 3)]
@@ -165,6 +168,23 @@ class Traced:
 
         opts = {"handoff": "eager", **(options or {})}
         return self.call(lowbit_backend(self.fresh(), self.inputs, options=opts))
+
+
+def lowered_graph(model, ids, options):
+    """The graph lowbit lowers for ``model(ids)`` (the pipeline, no hand-off) and the
+    inputs dynamo passes it."""
+    captured = {}
+
+    def backend(gm, example_inputs):
+        run_pipeline(gm, example_inputs, Options.parse(options))
+        captured.update(gm=gm, inputs=list(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids)
+    torch._dynamo.reset()
+    return captured["gm"], captured["inputs"]
 
 
 def site_kernels_program(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.Node]]:

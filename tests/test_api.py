@@ -68,6 +68,8 @@ def test_unknown_recipe_lists_valid_recipes(options):
         ({"threshold": -1}, ["threshold"]),
         ({"threshold": float("nan")}, ["threshold"]),
         ({"threshold": "6"}, ["threshold"]),
+        ({"outlier_ratio": -2}, ["outlier_ratio", "threshold"]),
+        ({"outlier_ratio": float("nan")}, ["outlier_ratio"]),
         ({"overrides": ["lm_head"]}, ["overrides"]),
         ({"overrides": {1: "fp"}}, ["override"]),
         ({"calibration": 3}, ["calibration", "Calibration.save"]),
@@ -89,6 +91,11 @@ def test_defaults_and_frozen():
         "inductor",
     )
     assert Options.parse({"threshold": 0}).threshold == 0.0
+    # the static columns: a ratio to the site's median by default, LLM.int8()'s absolute
+    # threshold when the user gives one (and no ratio)
+    assert opts.outlier_ratio == 3.0
+    assert Options.parse({"threshold": 6.0}).outlier_ratio == 0.0
+    assert Options.parse({"threshold": 6.0, "outlier_ratio": 2}).outlier_ratio == 2.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.recipe = "fp"
     parsed = Options.parse({"overrides": {"lm_head": "fp"}})
@@ -352,6 +359,29 @@ def test_explain_report(tied):
     json.loads(report.to_json())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_outlier_columns_by_ratio_to_the_median_and_the_report_says_why():
+    spec = TinySpec(hidden=40, intermediate=56, layers=1, tied=False)
+    model = build_model(spec)
+    with torch.no_grad():  # two residual-stream channels far above the rest
+        model.model.layers[0].input_layernorm.weight[[7, 21]] *= 40
+    ids = input_ids(spec, batch=2, seq=16)
+    cal = calibrate(model, [ids])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    absmax = cal[q].absmax
+    for ratio in (3.0, 8.0):
+        report = explain(model, ids, options={"calibration": cal, "outlier_ratio": ratio})
+        row = next(r for r in report.sites if r.fqn == q)
+        limit = ratio * absmax.median().item()
+        assert row.outlier_channels == (absmax >= limit).nonzero().flatten().tolist()
+        assert {7, 21} <= set(row.outlier_channels)
+        assert row.outlier_rule == f"max|x| >= {ratio:g} x median {limit / ratio:.3g}"
+        assert "outlier rule" in str(report) and row.outlier_rule in str(report)
+    absolute = explain(model, ids, options={"calibration": cal, "threshold": 2.5})
+    row = next(r for r in absolute.sites if r.fqn == q)
+    assert row.outlier_channels == (absmax >= 2.5).nonzero().flatten().tolist()
+    assert row.outlier_rule == "max|x| >= 2.5"
 
 
 # debug dumps -------------------------------------------------------------------

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import node_values, rel_err, site_kernels_program
+from helpers import lowered_graph, node_values, rel_err, site_kernels_program
 from torch._inductor.compile_fx import compile_fx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcompile
-from qcompile.options import Options
-from qcompile.pipeline import run_pipeline
 
 RECIPE_FAMILIES = [
     "int8-mixed", "w8a8", "fp", "w4a4-duquant", "w6a6-duquant", "w4a8-duquant",
@@ -40,22 +38,6 @@ def tiny():
                for s in range(2)]  # fmt: skip
     cal = qcompile.calibrate(model, batches, hessian=True, sample_rows=32)
     return model, cal, torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(9))
-
-
-def lowered_graph(model, ids, options):
-    """The graph lowbit lowers for ``model(ids)`` and the inputs dynamo passes it."""
-    captured = {}
-
-    def backend(gm, example_inputs):
-        run_pipeline(gm, example_inputs, Options.parse(options))
-        captured.update(gm=gm, inputs=list(example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(ids)
-    torch._dynamo.reset()
-    return captured["gm"], captured["inputs"]
 
 
 def assert_sites_agree(gm, inputs) -> set[str]:
