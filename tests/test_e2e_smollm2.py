@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile import corpus
 from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
 
@@ -26,15 +27,26 @@ def smollm2():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_int8_mixed_perplexity_within_1p5_percent_of_fp(smollm2):
-    model, _, tokens, calibration, fp = smollm2
+def test_int8_mixed_holds_on_text_unlike_its_calibration(smollm2):
+    """Calibrated on the dev text; measured on it and on three kinds it never saw. The
+    absolute threshold 6 (LLM.int8()'s rule, the default before the ratio) gave 1.025-1.036
+    on the legal text (docs/results.md); float rounding moves these ratios by about
+    +-0.5% (the same docs), hence the margins."""
+    model, tok, _, calibration, _ = smollm2
     options = {"recipe": "int8-mixed", "calibration": calibration, "handoff": "eager"}
-    ppl = perplexity(torch.compile(model, backend="lowbit", options=options), tokens)
+    fast = torch.compile(model, backend="lowbit", options=options)
+    ratios = {}
+    for kind in corpus.KINDS:
+        tokens = corpus.eval_tokens(tok, kind, 2048)
+        ratios[kind] = perplexity(fast, tokens) / perplexity(model, tokens)
     report = qcompile.compiled_reports()[-1]
-    print(f"fp {fp:.3f}  int8-mixed {ppl:.3f}  ({(ppl / fp - 1) * 100:+.2f}%)")
+    print({k: round(v, 4) for k, v in ratios.items()})
     assert len(report.quantized) == 30 * 7 + 1  # every linear, lm_head included
-    assert sum(map(len, (r.outlier_channels for r in report.sites))) > 0
-    assert ppl <= fp * 1.015
+    columns = sum(len(r.outlier_channels) for r in report.sites)
+    assert 0 < columns < 4000  # the absolute threshold kept 4803
+    assert all(r <= 1.012 for k, r in ratios.items() if k != "legal"), ratios
+    assert sum(ratios.values()) / len(ratios) <= 1.01, ratios
+    assert ratios["legal"] <= 1.02, ratios
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

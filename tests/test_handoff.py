@@ -22,7 +22,7 @@ import qcompile
 RECIPE_FAMILIES = [
     "int8-mixed", "w8a8", "fp", "w4a4-duquant", "w6a6-duquant", "w4a8-duquant",
     "w4a4-rtn", "w6a6-rtn", "w4a4-hadamard", "w8a16-g32", "w4a16-g64", "w3a16-g32",
-    "w2a16-g128", "w4a16-g32-gptq",
+    "w2a16-g64", "w4a16-g32-gptq",
 ]  # fmt: skip
 
 
