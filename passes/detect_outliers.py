@@ -44,5 +44,5 @@ def _choose(stats, options) -> tuple[list[int], str]:
     if options.outlier_ratio > 0:
         limit = stats.ratio_limit(options.outlier_ratio)
         rule = f"max|x| >= {options.outlier_ratio:g} x median {limit / options.outlier_ratio:.3g}"
-        return stats.outlier_channels(0.0, options.outlier_ratio), rule
+        return stats.outlier_channels(limit), rule
     return stats.outlier_channels(options.threshold), f"max|x| >= {options.threshold:g}"

@@ -82,11 +82,10 @@ class SiteStats:
             x2, keys = x2[keep], keys[keep]
         self.sample, self.sample_keys = x2.contiguous(), keys
 
-    def outlier_channels(self, threshold: float, ratio: float = 0.0) -> list[int]:
-        """Channels whose magnitude ever reached ``threshold`` (LLM.int8()'s rule), or with
-        ``ratio > 0`` reached ``ratio`` times the median channel's (:meth:`ratio_limit`)."""
-        limit = self.ratio_limit(ratio) if ratio > 0 else threshold
-        return (self.absmax >= limit).nonzero().flatten().tolist()
+    def outlier_channels(self, threshold: float) -> list[int]:
+        """Channels whose magnitude ever reached ``threshold`` (LLM.int8()'s rule with 6.0,
+        or a :meth:`ratio_limit`)."""
+        return (self.absmax >= threshold).nonzero().flatten().tolist()
 
     def ratio_limit(self, ratio: float) -> float:
         """``ratio`` times the median over channels of their max |x|: a scale-free outlier

@@ -194,9 +194,9 @@ def site_kernels_program(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.No
     site's output.
 
     A site's slice is its output node and, recursively, what it reads among the graph's
-    constants and the nodes lowbit inserted for it (``lowbit.*`` meta, or reading only
-    such nodes and constants: the quantization, the outlier partial, getitems); the
-    activations it reads from the rest of the model are the inputs. Running the program
+    constants and the nodes lowbit inserted (:func:`_inserted_by_lowbit`: the
+    quantization, the outlier gather and partial, getitems); the activations it reads
+    from the rest of the model are the inputs. Running the program
     eagerly and compiled by inductor on the same inputs compares the site kernels
     themselves, apart from the float rounding of the model around them, which the
     quantization of the next site can amplify into a different code (a chaotic effect
