@@ -38,6 +38,12 @@ DOCSTRING_MODULES = (
     "json", "logging", "pathlib", "queue", "random", "re", "shutil", "statistics",
     "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest",
     "zipfile",
+    # appended later (the evaluation tokens, read from the start, are unchanged)
+    "inspect", "pickle", "socket", "sqlite3", "urllib.parse", "urllib.request",
+    "xml.etree.ElementTree", "optparse", "gettext", "locale", "smtplib", "mailbox",
+    "numbers", "enum", "weakref", "tokenize", "traceback", "warnings", "base64", "hmac",
+    "uuid", "sched", "selectors", "glob", "tempfile", "shlex", "cmd", "copy", "doctest",
+    "pdb", "timeit", "colorsys", "ipaddress", "plistlib", "netrc", "mimetypes",
 )  # fmt: skip
 CODE_MODULES = ("difflib", "ast", "calendar", "pprint", "configparser", "imaplib")
 

@@ -1,5 +1,9 @@
 """The lowbit demo on SmolLM2-135M: calibrate, explain, compile, generate, compare perplexity.
 
+Calibration is the default mix of ``qcompile.corpus`` (reference prose, docstrings and
+code, 8 x 512 tokens); perplexity is measured on every kind of the corpus, legal text
+included, from tokens calibration never read.
+
 scripts/dev.sh demo            # or: .venv/bin/python -m qcompile.demo [--handoff eager]
 """
 
@@ -12,7 +16,8 @@ import time
 import torch
 
 import qcompile
-from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
+from qcompile import corpus
+from qcompile.perplexity import perplexity
 from qcompile.smollm2 import load_smollm2
 
 PROMPT = "The Python language reference says that a function definition"
@@ -33,8 +38,11 @@ def main(argv=None) -> None:
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
-    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=8, seq_len=512))
-    print(f"calibrated on 8 x 512 tokens in {time.perf_counter() - t0:.1f} s")
+    calibration = qcompile.calibrate(
+        model, corpus.calibration_batches(tok, n_batches=8, seq_len=512)
+    )
+    kinds = ", ".join(corpus.CALIBRATION_KINDS)
+    print(f"calibrated on 8 x 512 tokens of {kinds} in {time.perf_counter() - t0:.1f} s")
     options = {
         "recipe": args.recipe,
         "calibration": calibration,
@@ -46,16 +54,16 @@ def main(argv=None) -> None:
     print("\n== what lowbit will do (qcompile.explain) ==")
     print(qcompile.explain(model, prompt, options=options))
 
-    tokens = dev_tokens(tok, args.tokens)
+    texts = {kind: corpus.eval_tokens(tok, kind, args.tokens) for kind in corpus.KINDS}
     with torch.no_grad():
-        fp_ppl = perplexity(model, tokens)
+        fp_ppl = {kind: perplexity(model, tokens) for kind, tokens in texts.items()}
         fp_gen = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
 
     print(f"\n== compiling with backend='lowbit', recipe {args.recipe!r} ({args.handoff}) ==")
     model.compile(backend="lowbit", options=options)  # in place: generate() uses it
     with torch.no_grad():
         t0 = time.perf_counter()
-        q_ppl = perplexity(model, tokens)
+        q_ppl = {kind: perplexity(model, tokens) for kind, tokens in texts.items()}
         print(f"quantized perplexity (incl. compile) took {time.perf_counter() - t0:.1f} s")
         q_gen = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
 
@@ -63,9 +71,11 @@ def main(argv=None) -> None:
     same = torch.equal(fp_gen, q_gen)
     print(f"\n== greedy completion ({args.recipe}) ==\n{PROMPT}{text}")
     print(f"(same tokens as the fp model: {same})")
-    print(f"\n== perplexity on {args.tokens} tokens of pydoc_data.topics (context 512) ==")
-    print(f"fp32 eager     {fp_ppl:8.3f}")
-    print(f"{args.recipe:<14} {q_ppl:8.3f}  ({(q_ppl / fp_ppl - 1) * 100:+.2f}%)")
+    print(f"\n== perplexity on the first {args.tokens} tokens of each kind (context 512) ==")
+    print(f"{'kind':<12} {'fp32 eager':>10} {args.recipe:>14}")
+    for kind in texts:
+        change = (q_ppl[kind] / fp_ppl[kind] - 1) * 100
+        print(f"{kind:<12} {fp_ppl[kind]:10.3f} {q_ppl[kind]:14.3f}  ({change:+.2f}%)")
 
 
 if __name__ == "__main__":
