@@ -52,9 +52,9 @@ import torch
 from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
-from qcompile import artifacts
+from qcompile import artifacts, corpus
 from qcompile.backend import lowbit_backend
-from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
+from qcompile.perplexity import dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
 
 #: row id -> (label, recipe or None for the fp32 model, backend options besides the
@@ -151,10 +151,13 @@ def calibration_for(model, tok, args):
         print(f"calibration loaded from {path}", flush=True)
         return qcompile.Calibration.load(path)
     t0 = time.perf_counter()
-    batches = calibration_batches(tok, n_batches=args.calib_batches, seq_len=512)
+    batches = corpus.calibration_batches(
+        tok, args.calib_batches, 512, tuple(args.calibration_kinds)
+    )
     calibration = qcompile.calibrate(model, batches, sample_rows=args.sample_rows)
     print(
-        f"calibration ({args.calib_batches} x 512 tokens, sample_rows={args.sample_rows}): "
+        f"calibration ({args.calib_batches} x 512 tokens of {', '.join(args.calibration_kinds)}, "
+        f"sample_rows={args.sample_rows}): "
         f"{time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -209,6 +212,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
+                    choices=list(corpus.CALIBRATION_KINDS),
+                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
+                    "'reference' alone is the README tables' calibration)")  # fmt: skip
     ap.add_argument("--sample-rows", type=int, default=512)
     ap.add_argument("--calibration-cache", help="load the calibration from / save it to here")
     args = ap.parse_args()

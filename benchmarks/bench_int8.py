@@ -22,7 +22,7 @@ from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import corpus
-from qcompile.perplexity import calibration_batches, perplexity
+from qcompile.perplexity import perplexity
 from qcompile.smollm2 import load_smollm2
 
 
@@ -52,12 +52,17 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=list(corpus.KINDS))
     ap.add_argument("--skip-inductor-fp", action="store_true")
     ap.add_argument("--no-threshold-row", action="store_true")
+    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
+                    choices=list(corpus.CALIBRATION_KINDS),
+                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
+                    "'reference' alone is the README tables' calibration)")  # fmt: skip
     args = ap.parse_args()
 
     model, tok = load_smollm2()
     texts = {kind: corpus.eval_tokens(tok, kind, args.tokens) for kind in args.kinds}
     prompt512 = corpus.eval_tokens(tok, "reference", 512)
-    calibration = qcompile.calibrate(model, calibration_batches(tok, n_batches=8, seq_len=512))
+    batches = corpus.calibration_batches(tok, 8, 512, tuple(args.calibration_kinds))
+    calibration = qcompile.calibrate(model, batches)
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
 
     rows = [measure("fp32 eager", model, model, texts, prompt512, args.repeats)]

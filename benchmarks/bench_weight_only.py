@@ -42,9 +42,9 @@ import torch
 from timing import latency  # noqa: E402  (same folder)
 
 import qcompile
-from qcompile import artifacts
+from qcompile import artifacts, corpus
 from qcompile.backend import lowbit_backend
-from qcompile.perplexity import calibration_batches, dev_tokens, perplexity
+from qcompile.perplexity import dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
 
 
@@ -201,6 +201,10 @@ def main() -> None:
     ap.add_argument("--no-latency", action="store_true", help="perplexity, memory, pass time")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calib-batches", type=int, default=64)
+    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
+                    choices=list(corpus.CALIBRATION_KINDS),
+                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
+                    "'reference' alone is the README tables' calibration)")  # fmt: skip
     ap.add_argument("--calibration", help="calibration file: loaded if it exists, else "
                     "computed and saved there (reuse across runs)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5)
@@ -216,10 +220,10 @@ def main() -> None:
     else:
         calibration = qcompile.calibrate(
             model,
-            calibration_batches(tok, n_batches=args.calib_batches, seq_len=512),
+            corpus.calibration_batches(tok, args.calib_batches, 512, tuple(args.calibration_kinds)),
             hessian="gptq" in args.methods,
         )
-        source = f"{args.calib_batches} x 512 tokens"
+        source = f"{args.calib_batches} x 512 tokens of {', '.join(args.calibration_kinds)}"
         if args.calibration:
             calibration.save(args.calibration)
     print(f"calibration ({source}): {time.perf_counter() - t0:.1f} s; "
