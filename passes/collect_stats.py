@@ -5,7 +5,8 @@ Postcondition (analysis only): ``ctx.stats[site.fqn]`` holds the site's input
 statistics, taken from ``options["calibration"]`` when it has the site (under
 the site FQN or the tied parameter's FQN), otherwise recorded by running this
 graph once on the example inputs dynamo passed to the backend (weak: a single
-batch, possibly a single decode token), which is logged as a warning.
+batch, possibly a single decode token), which is logged as a warning when a missing
+site's recipe calibrates (``Recipe.calibrated``).
 A site whose products are stored and must be reused (``qcompile.artifacts``: its
 weight was released, or they were loaded by ``qcompile.load``) gets
 ``site.artifact`` and no statistics; a released weight with no matching products
@@ -65,18 +66,23 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
             "so its recorded inputs would be wrong; pass options={'calibration': ...} recorded "
             "on the full model"
         )
-    if needs_stats:
+    # recipes that do not calibrate (w8a8, round-to-nearest) are recorded for the report
+    # only: no warning for them
+    calibrated = [s for s in missing if get_recipe(s.scheme).calibrated]
+    if calibrated:
         where = (
             "no calibration was given"
             if calibration is None
-            else f"the calibration has no entry for {len(missing)} site(s), e.g. {missing[0].fqn}"
+            else f"the calibration has no entry for {len(calibrated)} site(s), e.g. "
+            f"{calibrated[0].fqn}"
         )
         log.warning(
             "lowbit: %s; calibrating on this graph's example inputs (%s). This is weak: "
             "pass options={'calibration': qcompile.calibrate(model, batches)} for reliable "
-            "outlier columns.",
+            "statistics (%s uses them).",
             where,
             _describe(example_inputs),
+            calibrated[0].scheme,
         )
     recorded = record_site_inputs(
         gm, example_inputs, missing, ctx.options.threshold, hessian_for=needs_hessian

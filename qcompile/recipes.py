@@ -27,6 +27,12 @@ class Recipe:
     def weight_only(self) -> bool:
         return self.quantize and self.act_bits is None
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the quantized result depends on calibration statistics (outlier
+        columns, the Hessian, DuQuant's smoothing and rotations)."""
+        return self.mixed or self.gptq or self.transform == "duquant"
+
 
 RECIPES: dict[str, Recipe] = {
     r.name: r

@@ -296,17 +296,18 @@ def test_calibration_path_string_works_and_silences_warning(tmp_path, tiny, capl
 def test_missing_calibration_warns(tiny, caplog):
     spec, model, ids = tiny
     with caplog.at_level(logging.WARNING, logger="qcompile"):
-        run_lowbit(model, ids, {"recipe": "w8a8"})
+        run_lowbit(model, ids, {"recipe": "int8-mixed"})
     records = [r for r in caplog.records if WARNING in r.getMessage()]
     assert len(records) == 1
     assert records[0].name == "qcompile" and records[0].levelno == logging.WARNING
     assert "qcompile.calibrate" in records[0].getMessage()
 
 
-def test_fp_recipe_does_not_warn(tiny, caplog):
+@pytest.mark.parametrize("recipe", ["fp", "w8a8", "w4a4-rtn", "w4a4-hadamard"])
+def test_recipes_that_do_not_calibrate_do_not_warn(tiny, caplog, recipe):
     spec, model, ids = tiny
     with caplog.at_level(logging.WARNING, logger="qcompile"):
-        run_lowbit(model, ids, {"recipe": "fp"})
+        run_lowbit(model, ids, {"recipe": recipe})
     assert WARNING not in caplog.text
 
 
