@@ -53,13 +53,19 @@ class SiteStats:
         )
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
-        """Add the rows of ``x [..., K]``; ``xtx``: their ``X^T X`` if already computed
-        (sites that read the same input, e.g. q/k/v, share it)."""
+    def update(
+        self,
+        x: torch.Tensor,
+        xtx: torch.Tensor | None = None,
+        summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Add the rows of ``x [..., K]``; ``xtx``: their ``X^T X`` and ``summary``: their
+        :func:`summarize` (same threshold), if already computed (sites that read the same
+        input, e.g. q/k/v, share them)."""
         x2 = x.detach().reshape(-1, x.shape[-1])
-        mag = x2.abs().float()
-        self.absmax = torch.maximum(self.absmax, mag.amax(dim=0).cpu())
-        self.over_threshold += (mag >= self.threshold).sum(dim=0).cpu()
+        absmax, over = summary if summary is not None else summarize(x2, self.threshold)
+        self.absmax = torch.maximum(self.absmax, absmax)
+        self.over_threshold += over
         if self.hessian is not None:
             self.hessian += gram(x2) if xtx is None else xtx
         if self.sample_rows > 0:
@@ -189,6 +195,13 @@ def _as_call(batch):
 GRAM_CHUNK_ROWS = 1024
 
 
+def summarize(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of the rows ``x2 [R, K]``: max |x| (float32) and how many rows reach
+    ``threshold`` (int64), on the CPU."""
+    mag = x2.abs().float()
+    return mag.amax(dim=0).cpu(), torch.count_nonzero(mag >= threshold, dim=0).cpu()
+
+
 def gram(x2: torch.Tensor) -> torch.Tensor:
     """``X^T X [K, K]`` in float64 of the rows ``x2 [R, K]``: float32 products per chunk of
     ``GRAM_CHUNK_ROWS`` rows (4x faster than float64 here; relative error ~1e-7 per
@@ -231,19 +244,18 @@ def calibrate(
 
     per_module: dict[torch.nn.Module, SiteStats] = {}
 
-    last_gram: dict = {}  # the input's X^T X, reused by the next linear reading the same x
+    # the last input's summary (and X^T X), reused by the next linear reading the same x
+    last: dict = {}
 
     def hook(mod, args):
         x = args[0]
         if mod not in per_module:
             per_module[mod] = SiteStats.empty(x.shape[-1], threshold, hessian, sample_rows)
-        xtx = None
-        if hessian:
-            if last_gram.get("x") is not x or last_gram["version"] != x._version:
-                xtx = gram(x.detach().reshape(-1, x.shape[-1]))
-                last_gram.update(x=x, version=x._version, xtx=xtx)
-            xtx = last_gram["xtx"]
-        per_module[mod].update(x, xtx)
+        if last.get("x") is not x or last["version"] != x._version:
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            xtx = gram(x2) if hessian else None
+            last.update(x=x, version=x._version, summary=summarize(x2, threshold), xtx=xtx)
+        per_module[mod].update(x, last["xtx"], last["summary"])
 
     handles = [m.register_forward_pre_hook(hook) for m in names_by_module]
     n = 0
@@ -253,7 +265,7 @@ def calibrate(
             model(*args, **kwargs)
             n += 1
     finally:
-        last_gram.clear()
+        last.clear()
         for h in handles:
             h.remove()
     if n == 0:
