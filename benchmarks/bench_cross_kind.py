@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import tempfile
 import time
@@ -74,7 +73,8 @@ def lowbit_ratios(model, recipe, calibration, texts, fp) -> dict[str, float]:
 
 
 def llama_cpp_ratios(texts, fp, types, threads) -> dict[str, dict[str, float]]:
-    """Perplexity / fp of llama.cpp's formats, each made from the shipped GGUF."""
+    """Perplexity / fp of llama.cpp's formats, each made from the shipped GGUF (same
+    windows and loss as the lowbit rows: ``qcompile.perplexity``)."""
     import llama_cpp
     import numpy as np
 
@@ -93,21 +93,16 @@ def llama_cpp_ratios(texts, fp, types, threads) -> dict[str, dict[str, float]]:
                 model_path=out, n_ctx=512, n_batch=512, logits_all=True, n_threads=threads,
                 verbose=False,
             )  # fmt: skip
-            ratios = {}
-            for kind, tokens in texts.items():
-                nll, count = 0.0, 0
-                for window in tokens.reshape(-1).split(512):
-                    ids = window.tolist()
-                    if len(ids) < 2:
-                        continue
-                    llm.reset()
-                    llm.eval(ids)
-                    logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-                    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
-                    nll -= logp.gather(1, window[1:].unsqueeze(1)).sum().item()
-                    count += len(ids) - 1
-                ratios[kind] = math.exp(nll / count) / fp[kind]
-            rows[f"llama.cpp {name}"] = ratios
+
+            def logits(ids, llm=llm):  # [1, L] -> [1, L, V], as qcompile.perplexity expects
+                llm.reset()
+                llm.eval(ids[0].tolist())
+                scores = np.array(llm.scores[: ids.shape[1]], dtype=np.float32)
+                return torch.from_numpy(scores).unsqueeze(0)
+
+            rows[f"llama.cpp {name}"] = {
+                kind: perplexity(logits, tokens) / fp[kind] for kind, tokens in texts.items()
+            }
             del llm
     return rows
 

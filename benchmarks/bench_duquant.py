@@ -49,7 +49,7 @@ import statistics
 import time
 
 import torch
-from timing import latency  # noqa: E402  (same folder)
+from timing import add_calibration_kinds, latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import artifacts, corpus
@@ -212,10 +212,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib-batches", type=int, default=8)
-    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
-                    choices=list(corpus.CALIBRATION_KINDS),
-                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
-                    "'reference' alone is the README tables' calibration)")  # fmt: skip
+    add_calibration_kinds(ap)
     ap.add_argument("--sample-rows", type=int, default=512)
     ap.add_argument("--calibration-cache", help="load the calibration from / save it to here")
     args = ap.parse_args()

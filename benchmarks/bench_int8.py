@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import latency  # noqa: E402  (same folder)
+from timing import add_calibration_kinds, latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import corpus
@@ -52,10 +52,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=list(corpus.KINDS))
     ap.add_argument("--skip-inductor-fp", action="store_true")
     ap.add_argument("--no-threshold-row", action="store_true")
-    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
-                    choices=list(corpus.CALIBRATION_KINDS),
-                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
-                    "'reference' alone is the README tables' calibration)")  # fmt: skip
+    add_calibration_kinds(ap)
     args = ap.parse_args()
 
     model, tok = load_smollm2()

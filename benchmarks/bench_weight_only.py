@@ -39,7 +39,7 @@ import os
 import time
 
 import torch
-from timing import latency  # noqa: E402  (same folder)
+from timing import add_calibration_kinds, latency  # noqa: E402  (same folder)
 
 import qcompile
 from qcompile import artifacts, corpus
@@ -201,10 +201,7 @@ def main() -> None:
     ap.add_argument("--no-latency", action="store_true", help="perplexity, memory, pass time")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calib-batches", type=int, default=64)
-    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
-                    choices=list(corpus.CALIBRATION_KINDS),
-                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
-                    "'reference' alone is the README tables' calibration)")  # fmt: skip
+    add_calibration_kinds(ap)
     ap.add_argument("--calibration", help="calibration file: loaded if it exists, else "
                     "computed and saved there (reuse across runs)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5)

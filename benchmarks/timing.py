@@ -1,4 +1,5 @@
-"""Latency helpers shared by the benchmarks (medians of wall-clock times)."""
+"""Helpers shared by the benchmarks: latency medians of wall-clock times, and the
+``--calibration-kinds`` flag."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ import time
 
 import torch
 from transformers import DynamicCache
+
+from qcompile import corpus
+
+
+def add_calibration_kinds(ap) -> None:
+    """``--calibration-kinds``: the ``qcompile.corpus`` kinds a benchmark calibrates on."""
+    ap.add_argument("--calibration-kinds", nargs="+", default=list(corpus.CALIBRATION_KINDS),
+                    choices=list(corpus.CALIBRATION_KINDS),
+                    help="qcompile.corpus kinds to calibrate on (default: the mix; "
+                    "'reference' alone is the README tables' calibration)")  # fmt: skip
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from qcompile.artifacts import linear_owners
 from qcompile.kernels.weight_only_reference import compute_qparams
 from qcompile.recipes import get_recipe
 
@@ -103,17 +104,13 @@ def prepare_qat(model: nn.Module, recipe: str = "w4a16-g64", *, skip=()) -> QATP
             f"prepare_qat trains weight-only recipes ({weight_only}); {recipe!r} is not one"
         )
     plan = QATPlan(recipe)
-    owners: dict[int, int] = {}
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, mod in linears:
         if name in skip:
             plan.left_in_fp[name] = "skipped by the caller"
         elif parametrize.is_parametrized(mod, "weight"):
             plan.left_in_fp[name] = "its weight is already parametrized"
-        elif owners[id(mod.weight)] > 1:
+        elif len(linear_owners(model, mod.weight)[0]) > 1:
             plan.left_in_fp[name] = "its weight is shared with another module (tied)"
         elif mod.in_features % r.group_size:
             raise ValueError(
