@@ -103,6 +103,28 @@ def _(x, packed, scales, zeros, bias, bits, group_size):
     return torch.empty((*x.shape[:-1], scales.shape[0]), dtype=x.dtype, device=x.device)
 
 
+def _dequant_linear_setup(ctx, inputs, output):
+    x, packed, scales, zeros, bias, bits, group_size = inputs
+    ctx.save_for_backward(x, packed, scales, zeros)
+    ctx.bits, ctx.group_size = bits, group_size
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _dequant_linear_backward(ctx, grad):
+    x, packed, scales, zeros = ctx.saved_tensors
+    wanted = ctx.needs_input_grad
+    needs = (wanted[0], wanted[2], wanted[4] and ctx.bias_dtype is not None)
+    dx, ds, db = wo_ref.dequant_linear_backward(
+        grad, x, packed, scales, zeros, ctx.bits, ctx.group_size, needs
+    )
+    db = None if db is None else db.to(ctx.bias_dtype)
+    return dx, None, ds, None, db, None, None
+
+
+# differentiable in x, scales and bias: E2E-QP trains the scales of frozen codes
+dequant_linear.register_autograd(_dequant_linear_backward, setup_context=_dequant_linear_setup)
+
+
 @torch.library.custom_op("lowbit::dequant_embedding", mutates_args=())
 def dequant_embedding(
     ids: torch.Tensor,

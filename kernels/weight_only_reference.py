@@ -48,6 +48,9 @@ API
     dtype=x.dtype)`` (the weight a dequantizing kernel feeds its GEMM), then
     ``y = (x.float() @ W.float().T + bias.float()).to(x.dtype)`` — float32
     accumulation, one rounding at the end.
+``dequant_linear_backward(grad, x, packed, scales, zeros, bits, group_size)``
+    Its gradients w.r.t. ``x``, ``scales`` and ``bias`` (E2E-QP trains the scales with
+    the codes frozen; the op's autograd formula in ``kernels/ops.py``).
 """
 
 from __future__ import annotations
@@ -123,9 +126,10 @@ def dequantize_groupwise(
     """``(q - z) * s`` in float32 (float64 if ``dtype`` is float64), returned in ``dtype``
     (default: the scales' dtype)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    s = _expand(scales.to(work), group_size)
-    z = _expand(zeros.to(work), group_size)
-    return ((q.to(work) - z) * s).to(dtype or scales.dtype)
+    n, k = q.shape
+    qg = q.to(work).view(n, k // group_size, group_size)
+    s, z = scales.to(work).unsqueeze(-1), zeros.to(work).unsqueeze(-1)
+    return ((qg - z) * s).view(n, k).to(dtype or scales.dtype)
 
 
 def dequant_linear(
@@ -146,6 +150,37 @@ def dequant_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+
+
+def dequant_linear_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple:
+    """Gradients of :func:`dequant_linear` w.r.t. ``x``, ``scales`` and ``bias`` (the codes
+    and zero points are constants): ``dx = dy @ W``, ``db = sum dy`` and, with
+    ``dW = dy^T x``, ``ds[n, g] = sum over the group of dW * (q - z)``. ``None`` where
+    ``needs`` is False; float32 accumulation, results in the inputs' dtypes."""
+    k = x.shape[-1]
+    n = packed.shape[0]
+    codes = unpack(packed, bits, k).float().view(n, k // group_size, group_size)
+    codes = codes - zeros.float().unsqueeze(-1)  # q - z, per group
+    g2 = grad.reshape(-1, n).float()
+    dx = ds = db = None
+    if needs[0]:
+        w = (codes * scales.float().unsqueeze(-1)).view(n, k).to(x.dtype).float()
+        dx = (g2 @ w).to(x.dtype).reshape(x.shape)
+    if needs[1]:
+        dw = (g2.t() @ x.reshape(-1, k).float()).view(n, k // group_size, group_size)
+        ds = (dw * codes).sum(-1).to(scales.dtype)
+    if needs[2]:
+        db = g2.sum(0)
+    return dx, ds, db
 
 
 def dequant_embedding(
@@ -177,5 +212,6 @@ __all__ = [
     "quantize_groupwise",
     "dequantize_groupwise",
     "dequant_linear",
+    "dequant_linear_backward",
     "dequant_embedding",
 ]

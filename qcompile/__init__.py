@@ -10,10 +10,13 @@ The package is ``qcompile``; its sub-packages ``qcompile.passes``,
 from __future__ import annotations
 
 from .backend import LowbitRecompileWarning, lowbit_backend
+from .block_ap import TrainingDivergedError, block_ap
 from .calibration import Calibration, SiteStats, calibrate
+from .e2e_qp import e2e_qp, finish_e2e_qp, prepare_e2e_qp
 from .explain import explain
 from .options import Options
 from .pipeline import REPORTS
+from .qat import prepare_qat
 from .recipes import RECIPES
 from .report import Report, SiteRow
 from .serialize import load, save
@@ -26,11 +29,17 @@ __all__ = [
     "Report",
     "SiteRow",
     "SiteStats",
+    "TrainingDivergedError",
+    "block_ap",
     "calibrate",
     "compiled_reports",
+    "e2e_qp",
     "explain",
+    "finish_e2e_qp",
     "load",
     "lowbit_backend",
+    "prepare_e2e_qp",
+    "prepare_qat",
     "save",
 ]
 

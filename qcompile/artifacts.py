@@ -161,16 +161,14 @@ def site_key(site, ctx) -> dict:
     """What a site's products depend on besides the weight and the calibration."""
     recipe = get_recipe(site.scheme)
     param = site.param if site.param is not None else site.weight
+    if recipe.weight_only:
+        return weight_only_key(site.scheme, param, act_dtype(site), ctx.options.gptq)
     key: dict[str, Any] = {
         "scheme": site.scheme,
         "weight_shape": list(param.shape),
         "weight_dtype": dtype_name(param.dtype),
     }
-    if recipe.weight_only:
-        key["scale_dtype"] = dtype_name(act_dtype(site))
-        if recipe.gptq:
-            key["gptq"] = dict(sorted(ctx.options.gptq.items()))
-    elif recipe.mixed:
+    if recipe.mixed:
         key["outlier_mode"] = ctx.options.outlier_mode
         key["threshold"] = ctx.options.threshold
         key["outlier_ratio"] = ctx.options.outlier_ratio
@@ -178,6 +176,20 @@ def site_key(site, ctx) -> dict:
         key["act_dtype"] = dtype_name(act_dtype(site))
         if recipe.transform == "duquant":
             key["duquant"] = dict(sorted(ctx.options.duquant.items()))
+    return key
+
+
+def weight_only_key(scheme: str, param, scale_dtype: torch.dtype, gptq_options=None) -> dict:
+    """``site_key`` of a weight-only site (also built without a site: ``qcompile.qat``
+    stores trained products under it)."""
+    key: dict[str, Any] = {
+        "scheme": scheme,
+        "weight_shape": list(param.shape),
+        "weight_dtype": dtype_name(param.dtype),
+        "scale_dtype": dtype_name(scale_dtype),
+    }
+    if get_recipe(scheme).gptq:
+        key["gptq"] = dict(sorted(gptq_options.items()))
     return key
 
 

@@ -32,17 +32,55 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
         )
     opts = Options.parse(options)
     watch_recompile_limit()
+    guard_parameter_identity(gm)
     report = run_pipeline(gm, example_inputs, opts)
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
     release = plan_release(replaced, tables) if opts.free_weights else []
+    # the quantized graph is an inference graph: in grad mode it still compiles and runs
+    # without recording autograd (its kernels have no derivatives; training goes through
+    # qcompile.block_ap / qcompile.e2e_qp)
+    as_inference = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
     if opts.handoff == "eager":
         compiled = gm.forward
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        with torch.no_grad():
+            compiled = compile_fx(gm, example_inputs)
+    if as_inference:
+        compiled = _without_grad(compiled)
     return release_after_first_call(compiled, release, report) if release else compiled
+
+
+def guard_parameter_identity(gm: fx.GraphModule) -> None:
+    """Make dynamo reuse this graph only for the very parameters it was built from.
+
+    Dynamo lifts parameters to graph inputs and guards only their shapes and dtypes, so a
+    second model of the same class would otherwise run through this graph, which holds
+    the first model's quantized weights as constants. Identity guards make dynamo
+    compile again for it."""
+    from torch._dynamo.guards import GuardBuilder
+    from torch._guards import TracingContext
+
+    tracing = TracingContext.try_get()
+    if tracing is None:  # called outside dynamo (tests calling the backend directly)
+        return
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        if grapharg is not None and isinstance(grapharg.example, torch.nn.Parameter):
+            guard = grapharg.source.make_guard(GuardBuilder.ID_MATCH)
+            tracing.guards_context.dynamo_guards.add(guard)
+
+
+def _without_grad(compiled):
+    def run(*args):
+        with torch.no_grad():
+            return compiled(*args)
+
+    return run
 
 
 # free_weights ---------------------------------------------------------------------------

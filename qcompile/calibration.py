@@ -179,7 +179,7 @@ class Calibration:
         return cls(stats, source=header.get("source", ""))
 
 
-def _as_call(batch):
+def as_call(batch):
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
@@ -261,7 +261,7 @@ def calibrate(
     n = 0
     try:
         for batch in batches:
-            args, kwargs = _as_call(batch)
+            args, kwargs = as_call(batch)
             model(*args, **kwargs)
             n += 1
     finally:

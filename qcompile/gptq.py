@@ -31,6 +31,10 @@ class GPTQResult:
     scales: torch.Tensor  # [N, K // group_size] in scale_dtype
     zeros: torch.Tensor  # [N, K // group_size] in scale_dtype (integers)
     error: float  # ||X W^T - X Wq^T||^2 estimated with H: trace((W-Wq) H (W-Wq)^T)
+    # float32 [N, K]: each column as it was rounded (the weight after the error
+    # compensation of the columns before it); rounding it with scales / zeros gives q.
+    # Block-AP starts from it: it is off the grid, so the step sizes get useful gradients
+    latent: torch.Tensor | None = None
 
 
 def quantize_column(w, scale, zero, bits):
@@ -98,6 +102,7 @@ def gptq_quantize(
     scales, zeros = scales.float(), zeros.float()
 
     q_out = torch.zeros(n, k, dtype=torch.float32)
+    latent = torch.zeros(n, k, dtype=torch.float32)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
@@ -113,6 +118,7 @@ def gptq_quantize(
                 scales[:, g], zeros[:, g] = _fit(span, bits, scale_dtype, importance(cols))
             q, w_hat = quantize_column(w1[:, i], scales[:, g], zeros[:, g], bits)
             q_out[:, i1 + i] = q
+            latent[:, i1 + i] = w1[:, i]
             e = (w1[:, i] - w_hat) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
@@ -126,6 +132,7 @@ def gptq_quantize(
         scales=scales,
         zeros=zeros,
         error=reconstruction_error(weight, deq, hessian),
+        latent=latent[:, inv_perm],
     )
 
 

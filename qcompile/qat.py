@@ -46,10 +46,30 @@ def fake_quantize(
     n, k = w.shape
     qmax = 2**bits - 1
     wg = w.reshape(n, k // group_size, group_size)
-    s = scale.unsqueeze(-1)
+    s = positive(scale).unsqueeze(-1)
     z = torch.clamp(round_ste(zero), 0, qmax).unsqueeze(-1)
     q = torch.clamp(round_ste(wg / s) + z, 0, qmax)
     return ((q - z) * s).reshape(n, k)
+
+
+def positive(scale: torch.Tensor) -> torch.Tensor:
+    """Step sizes as the quantizer uses them: clamped to the dtype's smallest normal
+    (an optimizer step may push one to 0 or below; RTN's are never that small)."""
+    return scale.clamp(min=torch.finfo(scale.dtype).tiny)
+
+
+def trained_codes(w, scale, zero, bits: int, group_size: int):
+    """``(q uint8 [N, K], scales, zeros)`` exactly as :func:`fake_quantize` rounds them
+    (same dtype and operations), so ``dequantize_groupwise(q, scales, zeros)`` is its
+    forward."""
+    with torch.no_grad():
+        n, k = w.shape
+        qmax = 2**bits - 1
+        s = positive(scale)
+        z = torch.clamp(torch.round(zero), 0, qmax)
+        wg = w.reshape(n, k // group_size, group_size)
+        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, qmax)
+        return q.reshape(n, k).to(torch.uint8), s.clone(), z
 
 
 class GroupwiseFakeQuant(nn.Module):
