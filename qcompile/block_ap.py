@@ -208,9 +208,10 @@ def _train_block(block, name, calls, inputs, targets, r, init, epochs, lr_w, lr_
             [{"params": weights, "lr": lr_w}, {"params": qparams, "lr": lr_qp}], weight_decay=0.0
         )
         dev = _device(block)
+        order = torch.Generator().manual_seed(0)  # the same sample order for every block
         step = 0
         for _ in range(epochs):
-            for j in torch.randperm(len(calls)).tolist():
+            for j in torch.randperm(len(calls), generator=order).tolist():
                 step += 1
                 out = calls[j].run(block, inputs[j].to(dev))
                 loss = torch.nn.functional.mse_loss(out.float(), targets[j].to(dev).float())

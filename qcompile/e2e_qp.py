@@ -126,11 +126,17 @@ def e2e_qp(
     *,
     epochs: int = E2E_QP_DEFAULTS["epochs"],
     lr: float = E2E_QP_DEFAULTS["lr"],
+    seed: int = 0,
     progress: bool = True,
 ) -> E2EQPResult:
     """Train the step sizes of a Block-AP model on ``batches`` (input ids ``[B, T]``)
-    with the causal-LM cross-entropy and AdamW; then commit them. A non-finite loss or
-    gradient restores the step sizes and raises :class:`TrainingDivergedError`."""
+    with the causal-LM cross-entropy and AdamW, in an order drawn from ``seed``; then
+    commit them. A non-finite loss or gradient restores the step sizes and raises
+    :class:`TrainingDivergedError`.
+
+    Under ``torch.distributed`` (initialised, more than one process) the model runs in
+    ``DistributedDataParallel``: each process passes its own share of the batches (the
+    same number on every process), and the step sizes stay equal on all of them."""
     batches = [_input_ids(b) for b in batches]
     if not batches:
         raise ValueError("e2e_qp needs at least one batch of training tokens; got none")
@@ -139,13 +145,16 @@ def e2e_qp(
     started = time.perf_counter()
     scales = prepare_e2e_qp(model)
     initial = [s.detach().clone() for s in scales]
+    runner = _data_parallel(model)
     opt = torch.optim.AdamW(scales, lr=lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed)
     losses = []
     try:
-        with tqdm(total=epochs * len(batches), desc="E2E-QP", disable=not progress) as bar:
+        show = progress and _rank() == 0
+        with tqdm(total=epochs * len(batches), desc="E2E-QP", disable=not show) as bar:
             for _ in range(epochs):
-                for i in torch.randperm(len(batches)).tolist():
-                    loss = causal_lm_loss(model, batches[i])
+                for i in torch.randperm(len(batches), generator=order).tolist():
+                    loss = causal_lm_loss(runner, batches[i])
                     check_finite(loss, "the E2E-QP loss", len(losses) + 1)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -170,6 +179,19 @@ def e2e_qp(
         sum(losses[-tenth:]) / tenth,
         time.perf_counter() - started,
     )
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` in DDP when several processes train together, else ``model``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return nn.parallel.DistributedDataParallel(model)
+    return model
 
 
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
