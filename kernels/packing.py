@@ -71,6 +71,12 @@ def _positions(k: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return bit >> 5, bit & 31  # word index, shift within the word
 
 
+def _spills(k: int, bits: int) -> bool:
+    """Whether a code of a ``k``-code row straddles two words (3 bits, k > 10): decided
+    from the sizes alone, so the unpacking traces without reading tensor values."""
+    return any(((i * bits) & 31) + bits > _WORD for i in range(min(k, 32)))
+
+
 def _to_int32_words(u: torch.Tensor) -> torch.Tensor:
     # unsigned 32-bit values held in int64 -> int32 with the same bit pattern
     return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
@@ -127,7 +133,7 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     for r0 in range(0, n, rows):
         w = packed[r0 : r0 + rows].to(torch.int64) & 0xFFFFFFFF
         v = w.index_select(1, widx) >> shift
-        if bool(spill.any()):
+        if _spills(k, bits):
             hi = (w.index_select(1, hi_idx) << hi_shift) * spill
             v = v | hi
         out[r0 : r0 + rows] = (v & mask).to(torch.uint8)

@@ -16,6 +16,7 @@ from . import artifacts
 from .context import SOURCE_ROOT
 from .options import Options
 from .pipeline import run_pipeline
+from .qat import is_quantizer_parameter
 
 log = logging.getLogger("qcompile")
 
@@ -33,6 +34,19 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     opts = Options.parse(options)
     watch_recompile_limit()
     guard_parameter_identity(gm)
+    trained = training_quantizers(example_inputs)
+    if trained:  # qcompile.block_ap / e2e_qp form: the quantizers are being trained
+        log.info(
+            "lowbit: training graph (%d trainable step-size / zero-point tensors): no "
+            "quantizing passes; forward and backward handed to %s",
+            trained,
+            opts.handoff,
+        )
+        if opts.handoff == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
     report = run_pipeline(gm, example_inputs, opts)
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
@@ -40,19 +54,29 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     # the quantized graph is an inference graph: in grad mode it still compiles and runs
     # without recording autograd (its kernels have no derivatives; training goes through
     # qcompile.block_ap / qcompile.e2e_qp)
-    as_inference = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    as_inference = (
+        bool(report.quantized)
+        and torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     )
     if opts.handoff == "eager":
         compiled = gm.forward
     else:
         from torch._inductor.compile_fx import compile_fx
 
-        with torch.no_grad():
+        with torch.set_grad_enabled(not as_inference and torch.is_grad_enabled()):
             compiled = compile_fx(gm, example_inputs)
     if as_inference:
         compiled = _without_grad(compiled)
     return release_after_first_call(compiled, release, report) if release else compiled
+
+
+def training_quantizers(example_inputs) -> int:
+    """How many of the graph's inputs are quantizer parameters being trained (grad mode
+    on, ``requires_grad``): such a graph is compiled for training, not quantized."""
+    if not torch.is_grad_enabled():
+        return 0
+    return sum(is_quantizer_parameter(t) and t.requires_grad for t in example_inputs)
 
 
 def guard_parameter_identity(gm: fx.GraphModule) -> None:

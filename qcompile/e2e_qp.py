@@ -27,6 +27,7 @@ from qcompile import artifacts
 from qcompile.block_ap import TrainingDivergedError, check_finite
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.packing import unpack
+from qcompile.qat import mark_quantizer_parameter
 from qcompile.qat_convert import QAT_META, store_trained, trained_artifact
 
 E2E_QP_DEFAULTS = {"epochs": 1, "lr": 2e-5}
@@ -44,7 +45,7 @@ class FrozenCodesLinear(nn.Module):
         self.method = art.meta["method"]
         self.register_buffer("packed", tensors["packed"])
         self.register_buffer("zeros", tensors["zeros"])
-        self.scales = nn.Parameter(tensors["scales"].clone())
+        self.scales = mark_quantizer_parameter(nn.Parameter(tensors["scales"].clone()))
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)

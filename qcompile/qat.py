@@ -72,6 +72,17 @@ def trained_codes(w, scale, zero, bits: int, group_size: int):
         return q.reshape(n, k).to(torch.uint8), s.clone(), z
 
 
+def mark_quantizer_parameter(p: nn.Parameter) -> nn.Parameter:
+    """Tag a trainable step size / zero point: a graph the lowbit backend receives with
+    one of them requiring grad is a training graph (``qcompile.backend``)."""
+    p._lowbit_quantizer = True
+    return p
+
+
+def is_quantizer_parameter(t) -> bool:
+    return isinstance(t, nn.Parameter) and getattr(t, "_lowbit_quantizer", False)
+
+
 class GroupwiseFakeQuant(nn.Module):
     """Parametrization of a linear weight: :func:`fake_quantize` with trainable
     ``scale`` and ``zero`` (``nn.Parameter`` s, ``[N, K // G]``, the weight's dtype)."""
@@ -81,8 +92,8 @@ class GroupwiseFakeQuant(nn.Module):
         self.bits, self.group_size = bits, group_size
         with torch.no_grad():
             scale, zero = compute_qparams(weight.detach(), bits, group_size, weight.dtype)
-        self.scale = nn.Parameter(scale)
-        self.zero = nn.Parameter(zero)
+        self.scale = mark_quantizer_parameter(nn.Parameter(scale))
+        self.zero = mark_quantizer_parameter(nn.Parameter(zero))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self.scale, self.zero, self.bits, self.group_size)

@@ -4,8 +4,9 @@ On a tiny random Llama: Block-AP lowers every block's output error below its RTN
 GPTQ start; E2E-QP lowers the causal-LM loss while training only step sizes over frozen
 packed codes; the trained model compiles (no calibration) to what it computes eagerly,
 the report names the method, save / load and free_weights keep the outputs; the frozen
-linear's gradients match a float64 reference; bad input and divergence are errors that
-leave the model as it was.
+linear's gradients match a float64 reference; compiled with the lowbit backend, both
+phases train with the eager gradients; bad input and divergence are errors that leave the
+model as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qcompile.blocks import find_blocks
 from qcompile.e2e_qp import FrozenCodesLinear, causal_lm_loss
 from qcompile.kernels.packing import pack, unpack
 from qcompile.kernels.weight_only_reference import dequantize_groupwise
-from qcompile.qat import prepare_qat
+from qcompile.qat import is_quantizer_parameter, prepare_qat
 from qcompile.qat_convert import commit_linear, copy_trained, trained_artifact
 
 RECIPE = "w2a16-g32"
@@ -240,3 +241,27 @@ def test_committed_products_are_exactly_the_trained_weights(trained):
                 commit_linear(m, name, RECIPE, "block-ap")
         after = block(x, position_embeddings=pos)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("handoff", ["eager", "inductor"])
+@pytest.mark.parametrize("phase", ["block-ap", "e2e-qp"])
+def test_training_through_the_backend_gives_the_eager_gradients(phase, handoff):
+    """Compiled with backend="lowbit", a model whose quantizers train is a training graph:
+    forward and backward (inductor: generated kernels) give the eager gradients."""
+    model, ids = tiny_llama(), batches(1, seq=16)[0]
+    if phase == "block-ap":  # fake-quantized weights, trainable step sizes and zero points
+        qcompile.prepare_qat(model, RECIPE)
+        trained = [p for p in model.parameters() if is_quantizer_parameter(p)]
+    else:  # frozen packed codes, trainable step sizes
+        qcompile.block_ap(model, batches(), RECIPE, epochs=1, progress=False)
+        trained = qcompile.prepare_e2e_qp(model)
+    causal_lm_loss(model, ids).backward()
+    expected = [p.grad.clone() for p in trained]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lowbit", options={"handoff": handoff})
+    causal_lm_loss(compiled, ids).backward()
+    torch._dynamo.reset()
+    assert len(trained) in (14, 28)
+    for p, want in zip(trained, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
