@@ -10,7 +10,9 @@ site's recipe calibrates (``Recipe.calibrated``).
 A site whose products are stored and must be reused (``qcompile.artifacts``: its
 weight was released, or they were loaded by ``qcompile.load``) gets
 ``site.artifact`` and no statistics; a released weight with no matching products
-is a ``ValueError``.
+is a ``ValueError``. Once weights of the graph were released, the example inputs are
+not run: a missing site whose recipe calibrates is a ``ValueError``, and the others
+(round-to-nearest, whose statistics only feed the report) get none.
 Returns the number of sites whose statistics came from the example inputs.
 """
 
@@ -58,8 +60,9 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
             ctx.stats[site.fqn] = stats
     if not missing:
         return 0
-    needs_stats = any(s.scheme != "fp" for s in missing)
-    if needs_stats and any(artifacts.is_freed(s.weight) for s in ctx.sites):
+    if any(artifacts.is_freed(s.weight) for s in ctx.sites):
+        if not any(get_recipe(s.scheme).calibrated for s in missing):
+            return 0  # the statistics would only feed the report; the run would read zeros
         raise ValueError(
             f"lowbit: cannot calibrate {missing[0].fqn} on this graph's example inputs: other "
             "full-precision weights of the graph were released (free_weights or qcompile.load), "

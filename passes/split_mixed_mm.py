@@ -78,8 +78,13 @@ def _products(site: LinearSite, ctx: PassContext) -> _Split:
     if art is not None:  # stored products: nothing is computed from the weight
         site.artifact = art
         return _Split(
-            site, x, bias, art.tensors["outlier_idx"], art.tensors["inlier_mask"],
-            art.tensors["w_outlier"], artifacts.placeholder(w.shape, w.dtype, w.device),
+            site,
+            x,
+            bias,
+            art.tensors["outlier_idx"],
+            art.tensors["inlier_mask"],
+            art.tensors["w_outlier"],
+            artifacts.placeholder(w.shape, w.dtype, w.device),
         )  # fmt: skip  (the inlier weight: its int8 form is stored)
     cols = torch.tensor(site.outlier_channels, dtype=torch.long, device=w.device)
     inlier_mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)

@@ -17,6 +17,7 @@ and raises :class:`TrainingDivergedError`.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,8 +26,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from qcompile import artifacts
 from qcompile.blocks import BlockCall, capture_block_inputs, find_blocks
 from qcompile.calibration import gram
+from qcompile.checkpoint import Checkpoint, materialize, meta_parameters
 from qcompile.gptq import gptq_quantize
 from qcompile.qat import prepare_qat
 from qcompile.qat_convert import commit_linear
@@ -85,6 +88,7 @@ def block_ap(
     epochs: int = BLOCK_AP_DEFAULTS["epochs"],
     lr_weights: float = BLOCK_AP_DEFAULTS["lr_weights"],
     lr_qparams: float = BLOCK_AP_DEFAULTS["lr_qparams"],
+    checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BlockAPResult:
     """Quantize ``model``'s repeated blocks to ``recipe`` (``w{b}a16-g{G}``) by Block-AP,
@@ -96,6 +100,11 @@ def block_ap(
     ``init``: ``"gptq"`` (GPTQ on each block's quantized inputs, damping 0.1, clip
     search; training starts from the weight GPTQ rounded) or ``"rtn"``. Linears outside
     the blocks stay as they are (listed in the result).
+    ``checkpoint``: for a model built on the meta device, its ``.safetensors`` file (or
+    folder): the parameters outside the blocks are read first, each block's when it is
+    trained, and each trained linear's full-precision weight is released once the next
+    block's inputs are computed (``qcompile.checkpoint``), so memory holds one block in
+    full precision at a time.
     """
     r = get_recipe(recipe)
     _check_arguments(recipe, r, init, epochs, lr_weights, lr_qparams)
@@ -110,10 +119,15 @@ def block_ap(
                 f"block_ap: {recipe!r} needs in_features divisible by {r.group_size}, but "
                 f"{blocks_name}.{name} has {mod.in_features}; choose another group size"
             )
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
+    streamed = _open_checkpoint(model, blocks_name, checkpoint)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
         p.requires_grad_(False)
     try:
+        if streamed is not None:  # what runs before and after the blocks
+            if hasattr(model, "tie_weights"):  # HF: a meta-built model is not tied yet
+                model.tie_weights()
+            materialize(model, streamed, meta_parameters(model, exclude=blocks_name))
         calls = capture_block_inputs(model, blocks[0], batches)
         result = BlockAPResult(
             recipe,
@@ -133,6 +147,8 @@ def block_ap(
             for i, block in enumerate(blocks):
                 name = f"{blocks_name}.{i}"
                 t0 = time.perf_counter()
+                if streamed is not None:
+                    materialize(model, streamed, meta_parameters(model, prefix=f"{name}."))
                 targets = _run(block, calls, fp_inputs)
                 stat = _train_block(
                     block,
@@ -150,11 +166,39 @@ def block_ap(
                 stat.seconds = time.perf_counter() - t0
                 result.blocks.append(stat)
                 q_inputs, fp_inputs = _run(block, calls, q_inputs), targets
+                if streamed is not None:  # the packed products stay; the compile uses them
+                    for n, m in _linears(block):
+                        artifacts.free_weight(m.weight, [(f"{name}.{n}", m)])
     finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _open_checkpoint(model, blocks_name: str, checkpoint) -> Checkpoint | None:
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if on_meta and checkpoint is None:
+        raise ValueError(
+            "block_ap: the model has parameters on the meta device; pass "
+            "checkpoint='model.safetensors' (or its folder) to read each block's weights "
+            "when it is trained"
+        )
+    meta_buffers = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if on_meta and meta_buffers:
+        raise ValueError(
+            f"block_ap: buffers such as {meta_buffers[0]!r} are on the meta device too, and "
+            "a checkpoint does not hold them all; build the model under "
+            "accelerate.init_empty_weights(), which leaves buffers real"
+        )
+    if not on_meta:
+        if checkpoint is not None:
+            raise ValueError(
+                "block_ap: checkpoint= is for a model built on the meta device; this one "
+                "holds its weights (drop checkpoint=, or build it under torch.device('meta'))"
+            )
+        return None
+    return Checkpoint(checkpoint)
 
 
 def _check_arguments(recipe, r, init, epochs, lr_weights, lr_qparams) -> None:

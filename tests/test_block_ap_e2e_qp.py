@@ -265,3 +265,31 @@ def test_training_through_the_backend_gives_the_eager_gradients(phase, handoff):
     assert len(trained) in (14, 28)
     for p, want in zip(trained, expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_block_ap_streams_a_meta_model_from_its_checkpoint(tmp_path):
+    """Built without weights, the model reads each block from the safetensors checkpoint
+    when it is trained and releases it after: the same products as in memory."""
+    from accelerate import init_empty_weights
+
+    source, data = tiny_llama(), batches()
+    source.save_pretrained(tmp_path)
+    qcompile.block_ap(source, data, RECIPE, epochs=1, progress=False)
+    with init_empty_weights():
+        model = LlamaForCausalLM(source.config)
+    with pytest.raises(ValueError, match="checkpoint="):
+        qcompile.block_ap(model, data, RECIPE)
+    qcompile.block_ap(model.eval(), data, RECIPE, epochs=1, checkpoint=tmp_path, progress=False)
+    pairs = zip(source.named_modules(), model.named_modules())
+    linears = [(a, b) for (_, a), (_, b) in pairs if isinstance(a, torch.nn.Linear)]
+    for a, b in linears[:-1]:  # the blocks' linears (lm_head is outside them)
+        assert artifacts.is_freed(b.weight)
+        want, got = trained_artifact(a).tensors, trained_artifact(b).tensors
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, read once
+    with torch.no_grad():
+        opts = {"recipe": RECIPE, "handoff": "eager"}
+        want = torch.compile(source, backend="lowbit", options=opts)(data[0]).logits
+        got = torch.compile(model, backend="lowbit", options=opts)(data[0]).logits
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
