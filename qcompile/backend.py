@@ -51,9 +51,10 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
     release = plan_release(replaced, tables) if opts.free_weights else []
-    # the quantized graph is an inference graph: in grad mode it still compiles and runs
-    # without recording autograd (its kernels have no derivatives; training goes through
-    # qcompile.block_ap / qcompile.e2e_qp)
+    # the quantized graph is an inference graph: in grad mode inductor still compiles it
+    # and it runs without recording autograd (its kernels have no derivatives; training
+    # goes through qcompile.block_ap / qcompile.e2e_qp). The eager hand-off returns
+    # gm.forward as it is (a backward through it fails at the first lowbit op)
     as_inference = (
         bool(report.quantized)
         and torch.is_grad_enabled()
@@ -66,7 +67,7 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
 
         with torch.set_grad_enabled(not as_inference and torch.is_grad_enabled()):
             compiled = compile_fx(gm, example_inputs)
-    if as_inference:
+    if as_inference and opts.handoff != "eager":  # the eager hand-off returns gm.forward
         compiled = _without_grad(compiled)
     return release_after_first_call(compiled, release, report) if release else compiled
 
