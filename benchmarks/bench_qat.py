@@ -58,7 +58,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model, recipe, evals, fp_model, args, calibration=None, timed=False) -> dict:
+def measure(model, recipe, evals, fp_model, prompt, args, calibration=None, timed=False) -> dict:
     """Perplexity per kind (eager hand-off, free_weights), resident bytes, decode ms."""
     graphs = []
     opts = {"recipe": recipe, "handoff": "eager", "free_weights": True}
@@ -79,27 +79,26 @@ def measure(model, recipe, evals, fp_model, args, calibration=None, timed=False)
     if (timed or args.latency_all) and not args.no_latency:
         torch._dynamo.reset()
         fast = torch.compile(model, backend="lowbit", options={**opts, "handoff": "inductor"})
-        prompt = corpus.eval_tokens(fp_model.tokenizer, "reference", SEQ)
         row["decode_ms"] = latency(fp_model, fast, prompt, 5)["decode_ms"]
     torch._dynamo.reset()
     return row
 
 
-def variants(bits: int, args, tok, train, evals, fp_model, hessians):
+def variants(bits: int, args, train, evals, fp_model, prompt, hessians):
     """The four rows of one bit width, each measured as soon as it exists."""
     rtn, gptq = f"w{bits}a16-g64", f"w{bits}a16-g64-gptq"
     model, _ = load_smollm2()
-    yield f"{rtn} rtn", {"tokens": 0, **measure(model, rtn, evals, fp_model, args)}
+    yield f"{rtn} rtn", {"tokens": 0, **measure(model, rtn, evals, fp_model, prompt, args)}
     model, _ = load_smollm2()
     yield f"{rtn} gptq", {"tokens": len(train) * SEQ,
-                          **measure(model, gptq, evals, fp_model, args, hessians)}  # fmt: skip
+                          **measure(model, gptq, evals, fp_model, prompt, args, hessians)}  # fmt: skip
     model, _ = load_smollm2()
     t0 = time.perf_counter()
     bap = qcompile.block_ap(model, train, rtn, init=args.init, epochs=args.epochs)
     row = {"block_ap_s": time.perf_counter() - t0, "tokens": bap.tokens * args.epochs}
     print(bap, flush=True)
     measured = copy_trained(model)  # measuring releases its weights; E2E-QP goes on here
-    yield f"{rtn} block-ap", {**row, **measure(measured, rtn, evals, fp_model, args)}
+    yield f"{rtn} block-ap", {**row, **measure(measured, rtn, evals, fp_model, prompt, args)}
     del measured
     t0 = time.perf_counter()
     e2e = qcompile.e2e_qp(model, train, epochs=args.e2e_epochs)
@@ -108,7 +107,7 @@ def variants(bits: int, args, tok, train, evals, fp_model, hessians):
     row["tokens"] += e2e.tokens * args.e2e_epochs
     yield (
         f"{rtn} block-ap+e2e-qp",
-        {**row, **measure(model, rtn, evals, fp_model, args, timed=True)},
+        {**row, **measure(model, rtn, evals, fp_model, prompt, args, timed=True)},
     )
 
 
@@ -148,14 +147,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     fp_model, tok = load_smollm2()
-    fp_model.tokenizer = tok  # measure() builds its decode prompt with it
+    prompt = corpus.eval_tokens(tok, "reference", SEQ)  # decode: its first 256 as the cache
     evals = {k: corpus.eval_tokens(tok, k, args.tokens) for k in corpus.KINDS}
     train = corpus.calibration_batches(tok, args.batches, SEQ)
     with torch.no_grad():
         fp = {k: perplexity(fp_model, t, batch_size=4) for k, t in evals.items()}
     fp["resident"] = resident_bytes(fp_model)
     if not args.no_latency:
-        prompt = corpus.eval_tokens(tok, "reference", SEQ)
         fp["decode_ms"] = latency(fp_model, fp_model, prompt, 5)["decode_ms"]
     t0 = time.perf_counter()
     hessians = qcompile.calibrate(fp_model, train, hessian=True)
@@ -163,7 +161,7 @@ def main() -> None:
     rows = {}
     for bits in args.bits:
         reset_peak()
-        for name, row in variants(bits, args, tok, train, evals, fp_model, hessians):
+        for name, row in variants(bits, args, train, evals, fp_model, prompt, hessians):
             rows[name] = {**row, "peak_mib": peak_mib()}
             print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
                   flush=True)  # fmt: skip

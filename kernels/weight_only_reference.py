@@ -168,14 +168,14 @@ def dequant_linear_backward(
     ``needs`` is False; float32 accumulation, results in the inputs' dtypes."""
     k = x.shape[-1]
     n = packed.shape[0]
-    codes = unpack(packed, bits, k).float().view(n, k // group_size, group_size)
-    codes = codes - zeros.float().unsqueeze(-1)  # q - z, per group
+    q = unpack(packed, bits, k)
     g2 = grad.reshape(-1, n).float()
     dx = ds = db = None
-    if needs[0]:
-        w = (codes * scales.float().unsqueeze(-1)).view(n, k).to(x.dtype).float()
+    if needs[0]:  # the weight the forward multiplied with
+        w = dequantize_groupwise(q, scales, zeros, group_size, dtype=x.dtype).float()
         dx = (g2 @ w).to(x.dtype).reshape(x.shape)
     if needs[1]:
+        codes = q.float().view(n, k // group_size, group_size) - zeros.float().unsqueeze(-1)
         dw = (g2.t() @ x.reshape(-1, k).float()).view(n, k // group_size, group_size)
         ds = (dw * codes).sum(-1).to(scales.dtype)
     if needs[2]:

@@ -42,11 +42,7 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
             trained,
             opts.handoff,
         )
-        if opts.handoff == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
+        return hand_off(gm, example_inputs, opts.handoff)
     report = run_pipeline(gm, example_inputs, opts)
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
@@ -60,16 +56,22 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
         and torch.is_grad_enabled()
         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     )
-    if opts.handoff == "eager":
-        compiled = gm.forward
-    else:
-        from torch._inductor.compile_fx import compile_fx
-
-        with torch.set_grad_enabled(not as_inference and torch.is_grad_enabled()):
-            compiled = compile_fx(gm, example_inputs)
-    if as_inference and opts.handoff != "eager":  # the eager hand-off returns gm.forward
-        compiled = _without_grad(compiled)
+    compiled = hand_off(gm, example_inputs, opts.handoff, inference=as_inference)
     return release_after_first_call(compiled, release, report) if release else compiled
+
+
+def hand_off(gm: fx.GraphModule, example_inputs, handoff: str, inference: bool = False):
+    """``gm.forward`` itself (eager), or inductor's compilation of ``gm``; ``inference``:
+    compiled and run without autograd (the eager hand-off ignores it)."""
+    if handoff == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    if not inference:
+        return compile_fx(gm, example_inputs)
+    with torch.no_grad():
+        compiled = compile_fx(gm, example_inputs)
+    return _without_grad(compiled)
 
 
 def training_quantizers(example_inputs) -> int:

@@ -1,8 +1,8 @@
 """Parameters of a meta-device model read from a safetensors checkpoint, part by part.
 
 Block-AP on a model larger than memory (``qcompile.block_ap(..., checkpoint=...)``): the
-model is built without weights (``with torch.device("meta")`` or accelerate's
-``init_empty_weights``), the parameters outside the repeated blocks are read up front and
+model is built without weights (accelerate's ``init_empty_weights``: parameters on the
+meta device, buffers real), the parameters outside the repeated blocks are read up front and
 each block's when its turn comes. Invariant: a materialized parameter holds exactly the
 checkpoint's tensor (cast to the parameter's dtype), every module sharing it (a tied
 lm_head) gets the same new ``Parameter``, and nothing else of the checkpoint is read.

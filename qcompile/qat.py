@@ -43,13 +43,19 @@ def fake_quantize(
 ) -> torch.Tensor:
     """``w [N, K]`` through the group-wise quantizer with ``scale, zero [N, K // G]``,
     differentiable in all three (module docstring); in ``w``'s dtype."""
+    q, s, z = _on_grid(w, scale, zero, bits, group_size, round_ste)
+    return ((q - z) * s).reshape(w.shape)
+
+
+def _on_grid(w, scale, zero, bits: int, group_size: int, rnd):
+    """Codes ``q [N, K // G, G]`` and the step sizes and zero points ``[N, K // G, 1]``
+    they use, rounding with ``rnd`` (straight-through in training, plain to commit)."""
     n, k = w.shape
     qmax = 2**bits - 1
-    wg = w.reshape(n, k // group_size, group_size)
     s = positive(scale).unsqueeze(-1)
-    z = torch.clamp(round_ste(zero), 0, qmax).unsqueeze(-1)
-    q = torch.clamp(round_ste(wg / s) + z, 0, qmax)
-    return ((q - z) * s).reshape(n, k)
+    z = torch.clamp(rnd(zero), 0, qmax).unsqueeze(-1)
+    q = torch.clamp(rnd(w.reshape(n, k // group_size, group_size) / s) + z, 0, qmax)
+    return q, s, z
 
 
 def positive(scale: torch.Tensor) -> torch.Tensor:
@@ -59,17 +65,11 @@ def positive(scale: torch.Tensor) -> torch.Tensor:
 
 
 def trained_codes(w, scale, zero, bits: int, group_size: int):
-    """``(q uint8 [N, K], scales, zeros)`` exactly as :func:`fake_quantize` rounds them
-    (same dtype and operations), so ``dequantize_groupwise(q, scales, zeros)`` is its
-    forward."""
+    """``(q uint8 [N, K], scales, zeros)`` as :func:`fake_quantize` rounds them (the same
+    operations), so ``dequantize_groupwise(q, scales, zeros)`` is its forward."""
     with torch.no_grad():
-        n, k = w.shape
-        qmax = 2**bits - 1
-        s = positive(scale)
-        z = torch.clamp(torch.round(zero), 0, qmax)
-        wg = w.reshape(n, k // group_size, group_size)
-        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, qmax)
-        return q.reshape(n, k).to(torch.uint8), s.clone(), z
+        q, s, z = _on_grid(w, scale, zero, bits, group_size, torch.round)
+        return q.reshape(w.shape).to(torch.uint8), s.squeeze(-1).clone(), z.squeeze(-1)
 
 
 def mark_quantizer_parameter(p: nn.Parameter) -> nn.Parameter:

@@ -12,6 +12,7 @@ them as any stored product. Their ``meta["method"]`` (``block-ap``,
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -83,8 +84,6 @@ def copy_trained(model: nn.Module) -> nn.Module:
     """A deep copy of a trained model whose copied weights keep the trained products
     (``copy.deepcopy`` alone copies the weights but not what lowbit stored for them, so
     a compile of the copy would round the trained weights to nearest again)."""
-    import copy
-
     clone = copy.deepcopy(model)
     originals = dict(model.named_parameters(remove_duplicate=False))
     for name, param in clone.named_parameters(remove_duplicate=False):
