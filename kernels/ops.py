@@ -143,3 +143,37 @@ def dequant_embedding(
 @dequant_embedding.register_fake
 def _(ids, packed, scales, zeros, bits, group_size, dtype):
     return torch.empty((*ids.shape, scales.shape[1] * group_size), dtype=dtype, device=ids.device)
+
+
+# Mixture-of-Experts routing (passes/_expert_sites.py): the rows of a grouped product that
+# one expert multiplies, and the per-expert products put back in the grouped order.
+
+
+@torch.library.custom_op("lowbit::expert_rows", mutates_args=())
+def expert_rows(x: torch.Tensor, offsets: torch.Tensor, expert: int) -> torch.Tensor:
+    """Rows ``offsets[expert - 1]:offsets[expert]`` of ``x`` (rows sorted by expert;
+    ``offsets`` the running count of rows per expert, as ``grouped_mm`` takes it)."""
+    bounds = offsets.tolist()
+    start = bounds[expert - 1] if expert > 0 else 0
+    return x[start : bounds[expert]].clone()
+
+
+@expert_rows.register_fake
+def _(x, offsets, expert):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((rows, *x.shape[1:]))
+
+
+@torch.library.custom_op("lowbit::expert_concat", mutates_args=())
+def expert_concat(parts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The experts' products in order, as one ``[rows of x, out]`` tensor; rows past the
+    last expert's (none unless the routing drops tokens) are zero."""
+    out = torch.cat(parts)
+    if out.shape[0] < x.shape[0]:
+        out = torch.cat([out, out.new_zeros((x.shape[0] - out.shape[0], *out.shape[1:]))])
+    return out
+
+
+@expert_concat.register_fake
+def _(parts, x):
+    return parts[0].new_empty((x.shape[0], *parts[0].shape[1:]))

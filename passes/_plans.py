@@ -50,6 +50,7 @@ from torch import fx
 
 from qcompile import artifacts
 from qcompile.context import LinearSite, PassContext, add_constant
+from qcompile.matmul_modules import OUT_IN
 from qcompile.recipes import get_recipe
 
 log = logging.getLogger("qcompile")
@@ -114,11 +115,18 @@ def plan_key(g, ctx: PassContext, site: LinearSite) -> dict:
     }
     if g.transform == "duquant":
         key["duquant"] = dict(sorted(ctx.options.duquant.items()))
-    return key
+    return artifacts.with_layout(key, site.layout, site.expert)
 
 
-def folded_key(param: torch.Tensor, of: str, plans: list, dtype: torch.dtype) -> dict:
-    return {
+def folded_key(
+    param: torch.Tensor,
+    of: str,
+    plans: list,
+    dtype: torch.dtype,
+    layout: str = OUT_IN,
+    expert: int | None = None,
+) -> dict:
+    key = {
         "kind": "folded",
         "of": of,
         "plans": list(plans),
@@ -126,6 +134,7 @@ def folded_key(param: torch.Tensor, of: str, plans: list, dtype: torch.dtype) ->
         "weight_dtype": artifacts.dtype_name(param.dtype),
         "value_dtype": artifacts.dtype_name(dtype),
     }
+    return artifacts.with_layout(key, layout, expert)
 
 
 def plan_deps(g, ctx: PassContext) -> tuple:
@@ -240,7 +249,9 @@ def _member_products(s: LinearSite, ctx: PassContext, plan_id: str):
         return art if ok else None
     if artifacts.is_freed(s.param):
         return None
-    art = artifacts.find(s.param, folded_key(s.param, "weight", [plan_id, *rows], s.param.dtype))
+    art = artifacts.find(
+        s.param, folded_key(s.param, "weight", [plan_id, *rows], s.param.dtype, s.layout, s.expert)
+    )
     return art if art is not None and art.fingerprint == artifacts.fingerprint(s.param) else None
 
 
@@ -272,7 +283,10 @@ def _decide_producer(site: LinearSite, ctx: PassContext, state: PlanState) -> No
     if rows is None or freed:
         return
     art = artifacts.find(
-        site.param, folded_key(site.param, "weight", [NO_GROUP, *rows], site.param.dtype)
+        site.param,
+        folded_key(
+            site.param, "weight", [NO_GROUP, *rows], site.param.dtype, site.layout, site.expert
+        ),
     )
     if art is not None and art.fingerprint == artifacts.fingerprint(site.param):
         _keep(site, art, state)
@@ -442,12 +456,14 @@ def finish_rotate(gm: fx.GraphModule, ctx: PassContext) -> None:
             site.weight = getattr(gm, const.target)
             art.touch(site.fqn)
             continue
-        if site.weight is site.param or not isinstance(site.param, torch.nn.Parameter):
+        if site.unfolded or not isinstance(site.param, torch.nn.Parameter):
             continue
         rows, own = row_plan_ids(ctx, site), _own_plan_id(site)
         if rows is None or own is None:
             continue
-        key = folded_key(site.param, "weight", [own, *rows], site.weight.dtype)
+        key = folded_key(
+            site.param, "weight", [own, *rows], site.weight.dtype, site.layout, site.expert
+        )
         artifacts.store_for(site.param, key, site.fqn, {"weight": site.weight}, {})
 
 

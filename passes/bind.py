@@ -6,8 +6,14 @@ Postcondition (analysis only; the one edit is canonicalizing every linear call t
 positional ``(input, weight, bias)`` arguments, which does not change what it computes):
   * ``ctx.param_fqns`` maps every parameter placeholder to its FQN (a tied
     weight has one placeholder and one FQN);
+  * every matrix product by a 2-D parameter (``addmm`` / ``mm`` / ``matmul`` / ``@``,
+    the parameter ``[in, out]`` or transposed) is an ``F.linear`` call
+    (``passes/_matmul_sites.py``); products by a parameter in other forms are in
+    ``ctx.unsupported`` and ``ctx.unread_params``;
   * ``ctx.sites`` lists every ``F.linear`` call; a site whose weight is not a
-    bound floating-point parameter is recorded with a ``skip_reason``;
+    bound floating-point parameter is recorded with a ``skip_reason``; ``site.weight``
+    is ``[out, in]`` (a transposed view of a parameter stored ``[in, out]``:
+    ``site.layout``);
   * a site whose weight is also an embedding table (tied lm_head) takes
     ``recipes.tied_embedding_recipe`` of the model-wide recipe unless an override
     names it (weight-only below 8 bits: 8 bits), noted in ``ctx.embeddings``;
@@ -20,16 +26,28 @@ Returns the number of linear sites found.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 
 import networkx as nx
 import torch
 from torch import fx
 
-from qcompile.context import LinearSite, PassContext, fqn_from_source, module_fqn_from_stack
+from qcompile.context import (
+    LinearSite,
+    PassContext,
+    fqn_from_source,
+    frame_is_resume,
+    frame_root,
+    module_fqn_from_stack,
+)
+from qcompile.matmul_modules import IN_OUT, OUT_IN
+from qcompile.passes._expert_sites import routers, split_grouped_products
+from qcompile.passes._matmul_sites import canonicalize_products
 from qcompile.recipes import tied_embedding_recipe
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+ROUTER_REASON = "MoE router (full precision unless an override names it)"
 
 
 def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -44,25 +62,55 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
             ctx.param_fqns[node.name] = fqn
             tensors[node.name] = grapharg.example
 
+    ctx.param_tensors = list(tensors.values())
+    first_param = next(
+        (n for n in gm.graph.find_nodes(op="placeholder") if n.name in tensors), None
+    )
+    check_overrides(ctx.options, first_param)
+    # MoE grouped products by 3-D expert tensors -> one F.linear per expert
+    routing = split_grouped_products(gm, tensors)
+    # addmm / mm / matmul / @ by a parameter (GPT-2 Conv1D, Falcon's x @ W.T) -> F.linear
+    for name, placeholder, reason in canonicalize_products(gm, tensors):
+        fqn = ctx.param_fqns[placeholder.name]
+        ctx.unsupported.append((f"{fqn} ({name})", reason))
+        ctx.unread_params.append((tensors[placeholder.name], fqn, reason))
+
     ctx.sites = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
-            continue
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
+    router_nodes = routers(routing, set(linears))
+    for node in linears:
         x, weight_node, bias_node = _linear_args(node)
         node.args, node.kwargs = (x, weight_node, bias_node), {}  # canonical positional form
+        # the views bind added: torch.t(parameter [in, out]), an expert's W[e] (and its .t())
+        views = []
+        while isinstance(weight_node, fx.Node) and "lowbit.weight_view" in weight_node.meta:
+            views.append(weight_node)
+            weight_node = weight_node.args[0]
+        expert = next((v.meta["lowbit.expert"] for v in views if "lowbit.expert" in v.meta), None)
+        transposed = any(v.meta["lowbit.weight_view"] == "t" for v in views)
         param_fqn = ctx.param_fqns.get(getattr(weight_node, "name", None))
         if param_fqn is None:
             ctx.unsupported.append((node.name, "weight is not a model parameter"))
             continue
-        fqn = _site_fqn(node, param_fqn)
+        if expert is None:
+            fqn = _site_fqn(node, param_fqn)
+        else:  # each expert's statistics and products are its own
+            fqn = param_fqn = f"{param_fqn}[{expert}]"
         bias = tensors.get(bias_node.name) if isinstance(bias_node, fx.Node) else None
+        param = tensors[weight_node.name]
+        with torch.no_grad():
+            weight = param[expert] if expert is not None else param
+            weight = weight.t() if transposed else weight
         site = LinearSite(
             node=node,
             fqn=fqn,
             param_fqn=param_fqn,
-            weight=tensors[weight_node.name],
+            weight=weight,
             bias=bias,
             scheme=scheme_for(fqn, ctx.options),
+            param=param,
+            layout=IN_OUT if transposed else OUT_IN,
+            expert=expert,
         )
         tied = tied_embedding_recipe(ctx.options.recipe)
         if tied and site.scheme == ctx.options.recipe and _feeds_embedding(weight_node):
@@ -72,7 +120,9 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
                     f"{fqn} is tied to an embedding: {tied} (the {ctx.options.recipe!r} rule "
                     f"for tied weights; an override naming {site.module_fqn!r} changes it)"
                 )
-        if bias_node is not None and bias is None:
+        if node in router_nodes and not _overridden(fqn, ctx.options):
+            site.skip_reason = ROUTER_REASON
+        elif bias_node is not None and bias is None:
             site.skip_reason = "bias is computed, not a parameter"
         elif not site.weight.is_floating_point() or site.weight.dim() != 2:
             site.skip_reason = f"weight is {site.weight.dtype} with {site.weight.dim()} dims"
@@ -113,6 +163,32 @@ def _overridden(fqn: str, options) -> bool:
     return any(
         fnmatch.fnmatchcase(fqn, p) or fnmatch.fnmatchcase(module, p) for p in options.overrides
     )
+
+
+def check_overrides(options, first_placeholder) -> None:
+    """Every override glob names a weight or module of the model (the frame's root
+    module), else a ``ValueError`` with the closest names: a typo must not silently keep
+    a model quantized that the user meant in full precision, or the reverse. Not checked
+    when the root is unknown or the frame resumes after a graph break."""
+    if not options.overrides or frame_is_resume():
+        return
+    grapharg = first_placeholder.meta.get("grapharg") if first_placeholder is not None else None
+    source = getattr(getattr(grapharg, "source", None), "name", None)
+    root = frame_root(source if source and source.startswith("L[") else None)
+    if root is None:
+        return
+    names = [n for n, _ in root.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in root.named_modules(remove_duplicate=False) if n]
+    for pattern in options.overrides:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+        raise ValueError(
+            f"lowbit: the override {pattern!r} matches no weight or module of "
+            f"{type(root).__name__}; "
+            + (f"closest names: {', '.join(close)}" if close else f"e.g. {', '.join(names[:3])}")
+            + " (globs match full names: use '*' for the rest, e.g. '*.mlp.*')"
+        )
 
 
 def scheme_for(fqn: str, options) -> str:

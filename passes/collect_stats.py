@@ -19,6 +19,7 @@ Returns the number of sites whose statistics came from the example inputs.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -26,7 +27,7 @@ from torch import fx
 from qcompile import artifacts
 from qcompile.calibration import SiteStats
 from qcompile.context import PassContext
-from qcompile.recipes import get_recipe
+from qcompile.recipes import get_recipe, statistics_free_recipe
 
 log = logging.getLogger("qcompile")
 
@@ -38,7 +39,7 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
     for site in ctx.sites:
         # stored products (released weight, or loaded by qcompile.load) need no statistics;
         # a released weight with none that match raises here
-        site.artifact = artifacts.pinned_for(site, ctx)
+        site.artifact = _stored_without_statistics(site, ctx) or artifacts.pinned_for(site, ctx)
         if site.skip_reason or site.artifact is not None:
             continue
         stats = None
@@ -54,6 +55,10 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
                 f"lowbit: recipe {site.scheme!r} of {site.fqn} needs the inputs' Hessian (X^T X); "
                 "calibrate with qcompile.calibrate(model, batches, hessian=True)"
             )
+        if site.expert is not None and (stats is None or stats.rows == 0):
+            if calibration is not None or stats is not None:
+                _uncalibrated_expert(site, ctx)
+                continue
         if stats is None:
             missing.append(site)
         else:
@@ -91,7 +96,46 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
         gm, example_inputs, missing, ctx.options.threshold, hessian_for=needs_hessian
     )
     ctx.stats.update(recorded)
+    for site in missing:  # experts the example inputs did not reach
+        if site.expert is not None and ctx.stats.get(site.fqn, _NO_ROWS).rows == 0:
+            _uncalibrated_expert(site, ctx)
     return len(recorded)
+
+
+_NO_ROWS = SiteStats.empty(0, 0.0, hessian=False)
+
+
+def _stored_without_statistics(site, ctx: PassContext):
+    """The pinned products of a MoE expert quantized without statistics (it saw no
+    calibration token, ``_uncalibrated_expert``), if those are what is stored."""
+    if site.expert is None or site.skip_reason:
+        return None
+    fallback = statistics_free_recipe(site.scheme)
+    if fallback == site.scheme:
+        return None
+    art = artifacts.find(site.param, artifacts.site_key(replace(site, scheme=fallback), ctx))
+    if art is None or not (art.pinned or artifacts.is_freed(site.param)):
+        return None
+    _uncalibrated_expert(site, ctx)
+    art.touch(site.fqn)
+    return art
+
+
+def _uncalibrated_expert(site, ctx: PassContext) -> None:
+    """A MoE expert no calibration token reached: its recipe without statistics, or full
+    precision (``options["uncalibrated_experts"]``); noted in the report."""
+    if ctx.options.uncalibrated_experts == "fp":
+        site.skip_reason = (
+            "MoE expert no calibration token was routed to (uncalibrated_experts='fp')"
+        )
+        return
+    fallback = statistics_free_recipe(site.scheme)
+    if fallback != site.scheme and get_recipe(site.scheme).quantize:
+        ctx.notes.append(
+            f"{site.fqn}: no calibration token was routed to this expert: {fallback} instead "
+            f"of {site.scheme} (uncalibrated_experts='fp' keeps it in full precision)"
+        )
+        site.scheme = fallback
 
 
 def record_site_inputs(

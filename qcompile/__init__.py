@@ -12,6 +12,7 @@ from __future__ import annotations
 from .backend import LowbitRecompileWarning, lowbit_backend
 from .block_ap import TrainingDivergedError, block_ap
 from .calibration import Calibration, SiteStats, calibrate
+from .coverage import LowbitCoverageWarning, model_report
 from .e2e_qp import e2e_qp, finish_e2e_qp, prepare_e2e_qp
 from .explain import explain
 from .options import Options
@@ -23,6 +24,7 @@ from .serialize import load, save
 
 __all__ = [
     "Calibration",
+    "LowbitCoverageWarning",
     "LowbitRecompileWarning",
     "Options",
     "RECIPES",
@@ -38,6 +40,7 @@ __all__ = [
     "finish_e2e_qp",
     "load",
     "lowbit_backend",
+    "model_report",
     "prepare_e2e_qp",
     "prepare_qat",
     "save",

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .matmul_modules import IN_OUT, OUT_IN, is_expert_tensor, is_matmul_module
 from .recipes import get_recipe
 
 # Parameter -> {canonical key json -> Artifact}
@@ -161,8 +162,11 @@ def site_key(site, ctx) -> dict:
     """What a site's products depend on besides the weight and the calibration."""
     recipe = get_recipe(site.scheme)
     param = site.param if site.param is not None else site.weight
+    layout, expert = getattr(site, "layout", OUT_IN), getattr(site, "expert", None)
     if recipe.weight_only:
-        return weight_only_key(site.scheme, param, act_dtype(site), ctx.options.gptq)
+        return weight_only_key(
+            site.scheme, param, act_dtype(site), ctx.options.gptq, layout, expert
+        )
     key: dict[str, Any] = {
         "scheme": site.scheme,
         "weight_shape": list(param.shape),
@@ -176,10 +180,36 @@ def site_key(site, ctx) -> dict:
         key["act_dtype"] = dtype_name(act_dtype(site))
         if recipe.transform == "duquant":
             key["duquant"] = dict(sorted(ctx.options.duquant.items()))
+    return with_layout(key, layout, expert)
+
+
+def with_layout(key: dict, layout: str, expert: int | None = None) -> dict:
+    """``key`` naming the weight's layout when the parameter is stored ``[in, out]`` (its
+    products are those of the ``[out, in]`` transpose), and the expert when the parameter
+    holds one matrix per expert (``[E, ...]``); ``weight_shape`` stays the parameter's."""
+    if layout != OUT_IN:
+        key["layout"] = layout
+    if expert is not None:
+        key["expert"] = expert
     return key
 
 
-def weight_only_key(scheme: str, param, scale_dtype: torch.dtype, gptq_options=None) -> dict:
+def product_shape(key: dict) -> list[int]:
+    """The ``[out, in]`` shape a site's products are built for."""
+    shape = list(key["weight_shape"])
+    if "expert" in key:
+        shape = shape[1:]
+    return shape[::-1] if key.get("layout") == IN_OUT else shape
+
+
+def weight_only_key(
+    scheme: str,
+    param,
+    scale_dtype: torch.dtype,
+    gptq_options=None,
+    layout: str = OUT_IN,
+    expert: int | None = None,
+) -> dict:
     """``site_key`` of a weight-only site (also built without a site: ``qcompile.qat``
     stores trained products under it)."""
     key: dict[str, Any] = {
@@ -190,7 +220,7 @@ def weight_only_key(scheme: str, param, scale_dtype: torch.dtype, gptq_options=N
     }
     if get_recipe(scheme).gptq:
         key["gptq"] = dict(sorted(gptq_options.items()))
-    return key
+    return with_layout(key, layout, expert)
 
 
 def key_str(key: dict) -> str:
@@ -230,7 +260,8 @@ def tracked(site) -> bool:
         return False
     if low_bit(get_recipe(site.scheme)):
         return True
-    return site.weight is param and not getattr(site, "transforms", None)
+    unfolded = site.unfolded if hasattr(site, "unfolded") else site.weight is param
+    return unfolded and not getattr(site, "transforms", None)
 
 
 def lookup(site, ctx, deps: Any = None) -> Artifact | None:
@@ -343,8 +374,9 @@ def register(param: torch.Tensor, art: Artifact) -> None:
         arts = REGISTRY[param] = {}
     arts[key_str(art.key)] = art
     unpinned = sorted(
-        (a for a in arts.values() if not a.pinned), key=lambda a: max(a.sites.values(), default=0)
-    )
+        (a for a in arts.values() if not a.pinned and a.key.get("expert") == art.key.get("expert")),
+        key=lambda a: max(a.sites.values(), default=0),
+    )  # per expert of a parameter that holds several
     for old in unpinned[:-MAX_UNPINNED_PER_WEIGHT]:
         del arts[key_str(old.key)]
 
@@ -430,17 +462,27 @@ def memory_of(gm, replaced) -> dict[str, int]:
 
 def linear_owners(root: torch.nn.Module, param: torch.Tensor, embedding_ok: bool = False):
     """``(owners, all_linear)``: ``(name, module)`` of every module holding ``param``,
-    and whether each is an ``nn.Linear`` holding it as its ``weight`` (or, with
-    ``embedding_ok``, an ``nn.Embedding`` whose lookups the graph reads from the
-    quantized copy: ``passes.quantize_embedding``)."""
-    kinds = (torch.nn.Linear, torch.nn.Embedding) if embedding_ok else (torch.nn.Linear,)
+    and whether each is a matmul module (``nn.Linear``, GPT-2's ``Conv1D``:
+    ``qcompile.matmul_modules``) holding it as its ``weight`` (or, with ``embedding_ok``,
+    an ``nn.Embedding`` whose lookups the graph reads from the quantized copy:
+    ``passes.quantize_embedding``)."""
     owners, all_linear = [], True
     for mod_name, mod in root.named_modules(remove_duplicate=False):
         for name, p in mod._parameters.items():
             if p is param:
                 owners.append((mod_name, mod))
-                all_linear &= isinstance(mod, kinds) and name == "weight"
+                kind_ok = is_matmul_module(mod) or (
+                    embedding_ok and isinstance(mod, torch.nn.Embedding)
+                )
+                expert_ok = is_expert_tensor(param, mod) and covers_experts(param)
+                all_linear &= kind_ok and name == "weight" or expert_ok
     return owners, all_linear and bool(owners)
+
+
+def covers_experts(param: torch.Tensor) -> bool:
+    """Whether products are stored for every expert of the 3-D ``param``."""
+    have = {a.key.get("expert") for a in artifacts_of(param) if a.kind == "site"}
+    return have.issuperset(range(param.shape[0]))
 
 
 class _RaiseIfFreed:
@@ -452,11 +494,13 @@ class _RaiseIfFreed:
     def __call__(self, module: torch.nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return
-        weight = module._parameters.get("weight")
-        # a placeholder, or one materialized as zeros (model.to(...) after the release)
-        if weight is not None and (is_freed(weight) or not bool(weight.detach().any())):
-            what = f"{self.name or type(module).__name__}.weight, {tuple(weight.shape)}"
-            raise RuntimeError(FREED_MESSAGE.format(what=what))
+        for attr, weight in module._parameters.items():
+            if weight is None or not (attr == "weight" or is_expert_tensor(weight, module)):
+                continue
+            # a placeholder, or one materialized as zeros (model.to(...) after the release)
+            if is_freed(weight) or not bool(weight.detach().any()):
+                what = f"{self.name or type(module).__name__}.{attr}, {tuple(weight.shape)}"
+                raise RuntimeError(FREED_MESSAGE.format(what=what))
 
 
 def guard_eager_calls(module: torch.nn.Module, name: str = "") -> None:

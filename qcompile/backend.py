@@ -6,6 +6,9 @@ Registered under the entry-point group ``torch_dynamo_backends`` (pyproject), so
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import logging
 import warnings
 
@@ -13,7 +16,7 @@ import torch
 from torch import fx
 
 from . import artifacts
-from .context import SOURCE_ROOT
+from .context import frame_root
 from .options import Options
 from .pipeline import run_pipeline
 from .qat import is_quantizer_parameter
@@ -67,11 +70,29 @@ def hand_off(gm: fx.GraphModule, example_inputs, handoff: str, inference: bool =
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    if not inference:
-        return compile_fx(gm, example_inputs)
-    with torch.no_grad():
+    with _dynamic_rows(gm), torch.set_grad_enabled(torch.is_grad_enabled() and not inference):
         compiled = compile_fx(gm, example_inputs)
-    return _without_grad(compiled)
+    return _without_grad(compiled) if inference else compiled
+
+
+@contextlib.contextmanager
+def _dynamic_rows(gm: fx.GraphModule):
+    """Let inductor trace the per-expert row counts of MoE sites (``lowbit::expert_rows``:
+    a size known only at run time) while it compiles ``gm``."""
+    shape_env = getattr(torch._guards.detect_fake_mode(), "shape_env", None)
+    if shape_env is None or not gm.graph.find_nodes(
+        op="call_function", target=torch.ops.lowbit.expert_rows.default
+    ):
+        yield
+        return
+    # what torch._dynamo.config.capture_dynamic_output_shape_ops sets for a whole compile,
+    # here only for this graph's hand-off
+    before = shape_env.settings
+    shape_env.settings = dataclasses.replace(before, allow_dynamic_output_shape_ops=True)
+    try:
+        yield
+    finally:
+        shape_env.settings = before
 
 
 def training_quantizers(example_inputs) -> int:
@@ -119,7 +140,7 @@ def _without_grad(compiled):
 
 def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
     """``(parameter, owning modules)`` for each replaced weight that may be released:
-    only held by ``nn.Linear`` modules as their ``weight`` (or by an ``nn.Embedding``
+    only held by matmul modules (``nn.Linear``, ``Conv1D``) as their ``weight`` (or by an ``nn.Embedding``
     whose lookups read the quantized copy: ids in ``quantized_tables``), with stored
     products."""
     plan = []
@@ -128,7 +149,7 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
             a.kind == "site" for a in artifacts.artifacts_of(param)
         ):
             continue  # nothing stored replaces it (e.g. only a folded copy of it is)
-        root = _frame_root(source)
+        root = frame_root(source)
         if root is None:
             log.warning(
                 "lowbit: free_weights: cannot find the module that owns %s; its full-precision "
@@ -140,28 +161,11 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
         if all_linear:
             plan.append((param, owners))
         else:
-            log.info("lowbit: free_weights keeps %s: a module other than nn.Linear uses it", source)
+            log.info(
+                "lowbit: free_weights keeps %s: a module other than nn.Linear / Conv1D uses it",
+                source,
+            )
     return plan
-
-
-def _frame_root(source_name: str):
-    """The module the graph's frame calls its parameters through (``L['self']``, or
-    ``L['args'][0]`` for a deep-copied HF model)."""
-    m = SOURCE_ROOT.match(source_name)
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        f_locals = tx.output.root_tx.f_locals
-    except Exception:  # not called by dynamo (e.g. a captured graph re-run in tests)
-        return None
-    root = f_locals.get(m.group(1)) if m else None
-    if root is not None and m.group(2) is not None:
-        try:
-            root = root[int(m.group(2))]
-        except (IndexError, KeyError, TypeError):
-            return None
-    return root if isinstance(root, torch.nn.Module) else None
 
 
 def release_after_first_call(compiled, plan, report):

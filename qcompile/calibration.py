@@ -1,7 +1,9 @@
 """Activation statistics per linear site, keyed by the weight's FQN.
 
 ``calibrate(model, batches)`` runs the model eagerly with forward pre-hooks on
-every ``nn.Linear`` and records, per input channel, what the passes need:
+every ``nn.Linear`` (and GPT-2's ``Conv1D``: ``qcompile.matmul_modules``; the experts of
+MoE blocks per expert: ``qcompile.expert_calibration``) and records, per input channel,
+what the passes need:
 the absolute maximum (LLM.int8() outlier detection, smoothing), how many rows
 reach the outlier threshold, optionally ``X^T X`` (GPTQ) and optionally a sample
 of input rows (``sample_rows``: what DuQuant's rotations are built from). A linear reachable
@@ -63,6 +65,8 @@ class SiteStats:
         :func:`summarize` (same threshold), if already computed (sites that read the same
         input, e.g. q/k/v, share them)."""
         x2 = x.detach().reshape(-1, x.shape[-1])
+        if x2.shape[0] == 0:  # e.g. a MoE expert no token was routed to in this batch
+            return
         absmax, over = summary if summary is not None else summarize(x2, self.threshold)
         self.absmax = torch.maximum(self.absmax, absmax)
         self.over_threshold += over
@@ -235,12 +239,16 @@ def calibrate(
         raise ValueError(
             f"qcompile.calibrate: sample_rows must be an int >= 0, got {sample_rows!r}"
         )
+    from .matmul_modules import is_matmul_module
+
     names_by_module: dict[torch.nn.Module, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, torch.nn.Linear):
+        if is_matmul_module(mod):
             names_by_module.setdefault(mod, []).append(f"{name}.weight" if name else "weight")
-    if not names_by_module:
-        raise ValueError("qcompile.calibrate: the model has no nn.Linear layers to calibrate")
+    if not names_by_module and not any(p.dim() >= 2 for p in model.parameters()):
+        raise ValueError(
+            "qcompile.calibrate: the model has no matrix-shaped parameters to calibrate"
+        )
 
     per_module: dict[torch.nn.Module, SiteStats] = {}
 
@@ -257,13 +265,18 @@ def calibrate(
             last.update(x=x, version=x._version, summary=summarize(x2, threshold), xtx=xtx)
         per_module[mod].update(x, last["xtx"], last["summary"])
 
+    from .expert_calibration import ExpertInputs
+
     handles = [m.register_forward_pre_hook(hook) for m in names_by_module]
+    hooked = {id(m.weight) for m in names_by_module}
+    experts = ExpertInputs(model, threshold, hessian, sample_rows, hooked)  # MoE: per expert
     n = 0
     try:
-        for batch in batches:
-            args, kwargs = as_call(batch)
-            model(*args, **kwargs)
-            n += 1
+        with experts:
+            for batch in batches:
+                args, kwargs = as_call(batch)
+                model(*args, **kwargs)
+                n += 1
     finally:
         last.clear()
         for h in handles:
@@ -278,4 +291,5 @@ def calibrate(
     for mod, s in per_module.items():
         for name in names_by_module[mod] + param_names.get(id(mod.weight), []):
             stats[name] = s
+    stats.update(experts.stats)
     return Calibration(stats, source=f"calibrate({n} batches)")

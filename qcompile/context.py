@@ -47,10 +47,26 @@ class LinearSite:
     # smooth / rotate leave the weight alone: the site's final products (or its folded
     # weight) are reused from qcompile.artifacts (passes/_plans.py)
     keep_weight: bool = False
+    # how ``param`` holds the weight: "out_in" (``weight`` is ``param``) or "in_out"
+    # (``weight`` is ``param.t()``: GPT-2's Conv1D); qcompile.matmul_modules
+    layout: str = "out_in"
+    # the parameter in the [out, in] layout (``param`` or its transposed view): while
+    # ``weight`` is this tensor, nothing was folded into it
+    param_weight: torch.Tensor | None = None
+    # a Mixture-of-Experts site: the expert's index in ``param`` ([E, ...]); ``weight``
+    # is that expert's matrix (passes/_expert_sites.py)
+    expert: int | None = None
 
     def __post_init__(self) -> None:
         if self.param is None:
             self.param = self.weight
+        if self.param_weight is None:
+            self.param_weight = self.weight
+
+    @property
+    def unfolded(self) -> bool:
+        """The site computes with its parameter as it is (no transform folded in)."""
+        return self.weight is self.param_weight
 
     @property
     def in_features(self) -> int:
@@ -73,12 +89,16 @@ class PassContext:
     graph_index: int
     sites: list[LinearSite] = field(default_factory=list)
     param_fqns: dict[str, str] = field(default_factory=dict)  # placeholder name -> FQN
+    param_tensors: list = field(default_factory=list)  # every parameter the graph reads
     dataflow: nx.DiGraph = field(default_factory=nx.DiGraph)
     stats: dict[str, SiteStats] = field(default_factory=dict)  # site fqn -> stats
     stats_source: str = ""
     target: str = "cpu"
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node or fqn, reason)
+    # parameters read by a matrix product lowbit does not quantize: (tensor, FQN, reason)
+    unread_params: list[tuple] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)  # tied lookups of quantized weights
+    notes: list[str] = field(default_factory=list)  # choices made for the user (Report.notes)
     # options["verify"]: (example inputs, outputs of the graph before the exact passes)
     verify_reference: tuple | None = None
     # the transform passes' stored / reused plans (passes/_plans.py: PlanState)
@@ -116,6 +136,37 @@ def fqn_from_source(source_name: str) -> str | None:
     if parts and parts[0] == "_orig_mod":  # torch.compile(OptimizedModule) wrappers
         parts = parts[1:]
     return ".".join(parts) or None
+
+
+def frame_root(source_name: str | None = None) -> torch.nn.Module | None:
+    """The module the graph dynamo is compiling calls its parameters through
+    (``L['self']``, or ``L['args'][0]`` for a deep-copied HF model), named by a
+    parameter's source (default: ``L['self']``); None outside a dynamo compile."""
+    m = SOURCE_ROOT.match(source_name or "L['self']")
+    tx = _root_tx()
+    root = tx.f_locals.get(m.group(1)) if (m and tx is not None) else None
+    if root is not None and m.group(2) is not None:
+        try:
+            root = root[int(m.group(2))]
+        except (IndexError, KeyError, TypeError):
+            return None
+    return root if isinstance(root, torch.nn.Module) else None
+
+
+def frame_is_resume() -> bool:
+    """Whether dynamo is compiling the rest of a function after a graph break (its
+    parameters are named from the function's own module, not the model's root)."""
+    tx = _root_tx()
+    return tx is not None and tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
+
+
+def _root_tx():
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().output.root_tx
+    except Exception:  # not called by dynamo (e.g. a captured graph re-run in tests)
+        return None
 
 
 def module_fqn_from_stack(node: fx.Node) -> tuple[str, type] | None:

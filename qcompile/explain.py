@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .coverage import coverage
 from .options import Options
 from .pipeline import run_pipeline
 from .report import Report
@@ -11,7 +12,9 @@ from .report import Report
 
 def explain(model: torch.nn.Module, *example_args, options=None, **example_kwargs) -> Report:
     """Trace ``model`` on the example inputs, run the analysis and quantizing passes
-    (not the lowering), and return the merged report of every graph.
+    (not the lowering), and return the merged report of every graph, with the model's
+    coverage (``Report.coverage``: which matmul weights are quantized, left in full
+    precision and why, or never seen).
 
     The model's weights are not changed and no compiled code is kept: dynamo's
     cache for the model's forward is cleared before and after (a model compiled
@@ -34,4 +37,6 @@ def explain(model: torch.nn.Module, *example_args, options=None, **example_kwarg
         remove_from_cache(model)
     if not reports:
         raise RuntimeError("qcompile.explain: dynamo produced no graph for this model and input")
-    return Report.merge(reports)
+    merged = Report.merge(reports)
+    merged.coverage = coverage(model)
+    return merged

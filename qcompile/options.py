@@ -20,6 +20,7 @@ TARGETS = ("auto", "cpu", "triton")
 OUTLIER_MODES = ("static", "dynamic")
 HANDOFFS = ("inductor", "eager")
 CPU_TRANSFORM_DTYPES = ("auto", "activation", "bfloat16")
+UNCALIBRATED_EXPERTS = ("round", "fp")
 
 OPTION_HELP = {
     "recipe": "recipe name for every linear site (default 'int8-mixed')",
@@ -47,6 +48,9 @@ OPTION_HELP = {
     "CPU target: 'auto' (default: bfloat16 where the CPU multiplies bf16 natively and every "
     "reader quantizes the result to <= 6 bits, else the activation dtype), 'activation' or "
     "'bfloat16'",
+    "uncalibrated_experts": "a Mixture-of-Experts expert no calibration token was routed to: "
+    "'round' (default: its recipe without statistics; int8-mixed -> w8a8, -gptq -> RTN, "
+    "DuQuant -> weight-only RTN g32) or 'fp' (kept in full precision, reported)",
     "verify": "True: check that the exact passes (smooth, rotate) left the graph's outputs "
     "unchanged on the example inputs; raises naming the pass (default False)",
 }
@@ -95,6 +99,7 @@ class Options:
     verify: bool = False
     free_weights: bool = False
     cpu_transform_dtype: str = "auto"
+    uncalibrated_experts: str = "round"
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> Options:
@@ -114,6 +119,12 @@ class Options:
             "cpu_transform_dtype",
             options.get("cpu_transform_dtype", cls.cpu_transform_dtype),
             CPU_TRANSFORM_DTYPES,
+        )
+
+        _check_choice(
+            "uncalibrated_experts",
+            options.get("uncalibrated_experts", cls.uncalibrated_experts),
+            UNCALIBRATED_EXPERTS,
         )
 
         overrides = options.get("overrides") or {}

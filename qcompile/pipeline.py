@@ -8,6 +8,7 @@ from collections import deque
 
 from torch import fx
 
+from qcompile.passes._matmul_sites import drop_dead_weight_views
 from qcompile.passes.bind import bind
 from qcompile.passes.collect_stats import collect_stats
 from qcompile.passes.detect_outliers import detect_outliers
@@ -23,6 +24,7 @@ from qcompile.passes.verify import verify
 
 from . import artifacts
 from .context import PassContext
+from .coverage import record_graph
 from .debug import PassRunner
 from .options import Options
 from .recipes import get_recipe
@@ -54,6 +56,7 @@ def run_pipeline(
     runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # W4A4 / W6A6 / W4A8 + lowbit ops
     runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # packed low-bit weights
     runner.run("quantize_embedding", quantize_embedding, gm, ctx)  # tied lookups read the codes
+    drop_dead_weight_views(gm)  # the [in, out] weights' views bind added, once replaced
     if lower_to_target:
         from qcompile.lowering.lower import lower
 
@@ -64,6 +67,7 @@ def run_pipeline(
     replaced = artifacts.replaced_weights(gm, ctx)
     gm.meta["lowbit.replaced_weights"] = replaced
     report = build_report(ctx, runner)
+    record_graph(ctx, report)  # per parameter: quantized / full precision (qcompile.coverage)
     report.memory = artifacts.memory_of(gm, replaced)
     runner.write_report(report)
     REPORTS.append(report)
@@ -113,6 +117,8 @@ def build_report(ctx: PassContext, runner: PassRunner) -> Report:
         target=ctx.target,
         calibration=calib.source if calib is not None else "example inputs",
         embeddings=list(ctx.embeddings),
+        notes=list(ctx.notes),
+        graph_indices=[ctx.graph_index],
     )
 
 

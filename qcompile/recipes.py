@@ -124,3 +124,20 @@ def tied_embedding_recipe(name: str) -> str | None:
     if recipe is None or not recipe.weight_only or recipe.weight_bits >= 8:
         return None
     return f"w8a16-g{recipe.group_size}" + ("-gptq" if recipe.gptq else "")
+
+
+def statistics_free_recipe(name: str) -> str:
+    """The recipe a site falls back to when it has no calibration statistics (a MoE
+    expert no calibration token was routed to): ``name`` itself when it needs none;
+    int8-mixed: w8a8 (no outlier columns); GPTQ: round-to-nearest; a DuQuant transform
+    (built from the inputs): weight-only round-to-nearest at the weight width (8 bits for
+    6), groups of 32."""
+    recipe = get_recipe(name)
+    if not recipe.calibrated:
+        return name
+    if recipe.mixed:
+        return "w8a8"
+    if recipe.gptq:
+        return name.removesuffix("-gptq")
+    bits = recipe.weight_bits if recipe.weight_bits in (2, 3, 4, 8) else 8
+    return f"w{bits}a16-g32"

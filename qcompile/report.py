@@ -6,6 +6,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -40,6 +41,13 @@ class Report:
     memory: dict[str, int] = field(default_factory=dict)
     # embedding lookups rewritten to read a tied, quantized weight (quantize_embedding)
     embeddings: list[str] = field(default_factory=list)
+    graph_indices: list[int] = field(default_factory=list)  # the graphs merged here
+    # what the passes chose for the user that a site row does not show (e.g. a MoE expert
+    # no calibration token reached, quantized without statistics)
+    notes: list[str] = field(default_factory=list)
+    # the model's matmul weights: quantized / full precision / never seen
+    # (qcompile.model_report, qcompile.explain; a qcompile.coverage.Coverage)
+    coverage: Any = None
 
     @property
     def quantized(self) -> list[SiteRow]:
@@ -63,6 +71,8 @@ class Report:
             out.sites += r.sites
             out.unsupported += r.unsupported
             out.embeddings += r.embeddings
+            out.notes += r.notes
+            out.graph_indices += r.graph_indices
             for k, v in r.pass_times.items():
                 out.pass_times[k] = out.pass_times.get(k, 0.0) + v
             for k, v in r.pass_rewrites.items():
@@ -90,17 +100,25 @@ class Report:
                 "pass_rewrites": self.pass_rewrites,
                 "memory": self.memory,
                 "embeddings": self.embeddings,
+                "notes": self.notes,
+                "coverage": None if self.coverage is None else self.coverage.as_dict(),
             },
             indent=1,
         )
 
     def summary(self) -> str:
         n, q = len(self.sites) + len(self.unsupported), len(self.quantized)
-        lines = [f"lowbit: {q} of {n} linear sites quantized (target {self.target})"]
+        lines = self.coverage.lines() if self.coverage is not None else []
+        lines.append(f"lowbit: {q} of {n} linear sites quantized (target {self.target})")
         for reason, count in sorted(self.left_in_fp.items()):
             lines.append(f"  left in full precision: {count} x {reason}")
         for line in dict.fromkeys(self.embeddings):
             lines.append(f"  embedding: {line}")
+        if self.notes:
+            shown = list(dict.fromkeys(self.notes))
+            lines += [f"  note: {line}" for line in shown[:4]]
+            if len(shown) > 4:
+                lines.append(f"  note: ... ({len(shown) - 4} more in report.notes)")
         if self.memory.get("fp_bytes_replaced"):
             m = self.memory
             lines.append(

@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import artifacts
+from .matmul_modules import is_expert_tensor, is_matmul_module
 from .recipes import RECIPES
 
 FORMAT = "lowbit.model"
@@ -78,8 +79,23 @@ class _Group:
 
     @property
     def linear_only(self) -> bool:
-        return self.kind == "parameter" and all(
-            isinstance(mod, torch.nn.Linear) and attr == "weight" for _, mod, attr in self.owners
+        # a tied embedding table reads the quantized codes (passes.quantize_embedding)
+        if self.kind == "parameter" and self.experts:
+            return True
+        return (
+            self.kind == "parameter"
+            and any(is_matmul_module(mod) for _, mod, _ in self.owners)
+            and all(
+                (is_matmul_module(mod) or isinstance(mod, torch.nn.Embedding)) and attr == "weight"
+                for _, mod, attr in self.owners
+            )
+        )
+
+    @property
+    def experts(self) -> bool:
+        """A MoE expert tensor (one matrix per expert, each quantized on its own)."""
+        return bool(self.owners) and all(
+            is_expert_tensor(self.tensor, mod) for _, mod, _ in self.owners
         )
 
 
@@ -283,6 +299,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
             not g.linear_only
             or any(a.fp_needed for a in arts)
             or not any(a.kind == "site" for a in arts)  # only folded copies of it are stored
+            or (g.experts and not artifacts.covers_experts(g.tensor))
         )
         if keep_fp and freed:  # pragma: no cover - free_weights only releases linear-only
             raise ValueError(f"lowbit.save: {g.name} was released but is not linear-only")
@@ -496,7 +513,8 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
                 continue
             if not e.get("keep_fp") and not g.linear_only:
                 raise _bad(
-                    path, f"{name} is quantized in the file but not only an nn.Linear weight"
+                    path,
+                    f"{name} is quantized in the file but not only an nn.Linear / Conv1D weight",
                 )
             if e.get("keep_fp") and e.get("tensor") is None:
                 raise _bad(path, f"the full-precision tensor of {name} is missing")
@@ -523,18 +541,17 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
 
 def _check_products(path, name, entry, tensors, found_plans, named_plans) -> None:
     """Shapes, dtypes and value ranges of one parameter's products (any recipe)."""
-    shape = entry["shape"]
     for art in entry["artifacts"]:
         key, meta = art["key"], art["meta"]
         t = {role: tensors[n] for role, n in art["tensors"].items()}
         kind = key.get("kind", "site")
         if kind == "site":
-            _check_site(path, name, shape, key, meta, t)
+            _check_site(path, name, artifacts.product_shape(key), key, meta, t)
             for i in [meta.get("plan"), *(meta.get("row_plans") or [])]:
                 if i not in (None, NO_GROUP):
                     named_plans.setdefault(i, name)
         elif kind == "plan":
-            _check_plan(path, name, shape, key, t)
+            _check_plan(path, name, artifacts.product_shape(key), key, t)
             pid = meta["id"]
             names = dict(sorted(art["tensors"].items()))
             if pid in found_plans and found_plans[pid][0] != names:
@@ -547,7 +564,7 @@ def _check_products(path, name, entry, tensors, found_plans, named_plans) -> Non
             value = t.get("value", t.get("weight"))
             if (
                 value is None
-                or list(value.shape) != shape
+                or list(value.shape) != artifacts.product_shape(key)
                 or (_dtype_name(value.dtype) != key["value_dtype"])
             ):
                 raise _bad(path, f"the folded copy of {name} does not match its shape or dtype")
