@@ -339,6 +339,11 @@ def dequant_linear_cpu(
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
+    if _known_at_run_time(m):  # a MoE expert's rows: the path is chosen when they are known
+        names = sorted(p)
+        return torch.ops.lowbit.dequant_linear_cpu_rows(
+            x, [p[name] for name in names], ",".join(names), bits, group_size, bias
+        )
     path = cpu_path(p, m)
     if path == "exact":
         n = p["codes"].shape[0]
@@ -349,23 +354,56 @@ def dequant_linear_cpu(
         y = F.linear(x2.float(), w, None if bias is None else bias.float())
         return y.to(x.dtype).reshape(*lead, n)
 
-    xb = x2.to(torch.bfloat16)
-    if path == "int4pack":
-        n = p["w4"].shape[0]
-        y = _int4mm(xb, p["w4"], group_size, p["sz"])
-    elif path == "int4pack_x2":
-        n = p["w4_hi"].shape[0]
-        y = _int4mm(xb, p["w4_hi"], group_size, p["sz_hi"]).float()
-        y = y + _int4mm(xb, p["w4_lo"], group_size, p["sz_lo"])
-        xg = xb.float().reshape(m, k // group_size, group_size).sum(-1)
-        y = y - xg @ p["zs"]
-    else:  # dequant (prefill)
-        n = (p["w4"] if bits <= 4 else p["w4_hi"]).shape[0]
-        y = F.linear(xb, _dequant_bf16(p, bits, group_size, n, k))
+    n = (p["w4"] if bits <= 4 else p["w4_hi"]).shape[0]
+    y = _packed_mm(x2.to(torch.bfloat16), p, path, bits, group_size)
     if bias is not None:
         y = y.float() + bias.float()
     y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*lead, n)
+
+
+def _packed_mm(xb, p, path: str, bits: int, group_size: int) -> torch.Tensor:
+    """``xb [M, K]`` (bf16) times the packed weight by ``path``, in float32 (the bf16
+    results widened, so that every path returns one dtype)."""
+    m, k = xb.shape
+    if path == "int4pack":
+        return _int4mm(xb, p["w4"], group_size, p["sz"]).float()
+    if path == "int4pack_x2":
+        y = _int4mm(xb, p["w4_hi"], group_size, p["sz_hi"]).float()
+        y = y + _int4mm(xb, p["w4_lo"], group_size, p["sz_lo"])
+        xg = xb.float().reshape(m, k // group_size, group_size).sum(-1)
+        return y - xg @ p["zs"]
+    n = (p["w4"] if bits <= 4 else p["w4_hi"]).shape[0]  # dequant (prefill)
+    return F.linear(xb, _dequant_bf16(p, bits, group_size, n, k)).float()
+
+
+def _known_at_run_time(m) -> bool:
+    """A row count the trace does not know (``lowbit::expert_rows``' output)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return isinstance(m, torch.SymInt) and bool(free_unbacked_symbols(m))
+
+
+@torch.library.custom_op("lowbit::dequant_linear_cpu_rows", mutates_args=())
+def dequant_linear_cpu_rows(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    names: str,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dequant_linear_cpu`` as one op, for inputs whose row count is known only at run
+    time (its path depends on it); ``names``: the prepacked keys of ``packed``, joined by
+    commas. Computes exactly what the function does."""
+    return dequant_linear_cpu(x, dict(zip(names.split(","), packed)), bits, group_size, bias)
+
+
+@dequant_linear_cpu_rows.register_fake
+def _(x, packed, names, bits, group_size, bias):
+    p = dict(zip(names.split(","), packed))
+    n = next(p[key] for key in ("codes", "w4", "w4_hi") if key in p).shape[0]
+    return x.new_empty((*x.shape[:-1], n))
 
 
 # --------------------------------------------------------------------------- #

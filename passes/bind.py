@@ -8,8 +8,12 @@ positional ``(input, weight, bias)`` arguments, which does not change what it co
     weight has one placeholder and one FQN);
   * every matrix product by a 2-D parameter (``addmm`` / ``mm`` / ``matmul`` / ``@``,
     the parameter ``[in, out]`` or transposed) is an ``F.linear`` call
-    (``passes/_matmul_sites.py``); products by a parameter in other forms are in
+    (``passes/_matmul_sites.py``), and every MoE ``grouped_mm`` by a 3-D expert tensor is
+    one ``F.linear`` per expert (``passes/_expert_sites.py``; the site ``<FQN>[e]``,
+    ``site.expert``); products by a parameter in other forms are in
     ``ctx.unsupported`` and ``ctx.unread_params``;
+  * a linear whose output decides an MoE routing (the router) gets a ``skip_reason``
+    unless an override names it;
   * ``ctx.sites`` lists every ``F.linear`` call; a site whose weight is not a
     bound floating-point parameter is recorded with a ``skip_reason``; ``site.weight``
     is ``[out, in]`` (a transposed view of a parameter stored ``[in, out]``:
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 
 import networkx as nx
 import torch
@@ -182,13 +187,25 @@ def check_overrides(options, first_placeholder) -> None:
     for pattern in options.overrides:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             continue
-        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+        close = difflib.get_close_matches(pattern, _glob_forms(names), n=3, cutoff=0.5)
         raise ValueError(
             f"lowbit: the override {pattern!r} matches no weight or module of "
             f"{type(root).__name__}; "
             + (f"closest names: {', '.join(close)}" if close else f"e.g. {', '.join(names[:3])}")
             + " (globs match full names: use '*' for the rest, e.g. '*.mlp.*')"
         )
+
+
+def _glob_forms(names: list[str]) -> list[str]:
+    """What an override might have meant: each name with its layer indices as ``*``
+    (``model.layers.*.mlp``), and every dotted suffix of those as ``*.suffix`` and
+    ``*.suffix.*``."""
+    forms = {re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names}
+    for name in list(forms):
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            forms.update({"*." + ".".join(parts[i:]), "*." + ".".join(parts[i:]) + ".*"})
+    return sorted(forms)
 
 
 def scheme_for(fqn: str, options) -> str:

@@ -95,7 +95,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():  # random (not init-default) norms, biases and expert weights
         for pname, p in model.named_parameters():
             if "norm" in pname or "ln" in pname.split(".")[-2:][0]:
-                p.copy_((1 if pname.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
+                p.add_(0.2 * torch.randn_like(p))  # around the init: 1, or 0 where 1 + w scales
             elif pname.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
             elif p.dim() == 3:  # expert tensors: drawn as the dense weights are
