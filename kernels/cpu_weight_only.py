@@ -140,6 +140,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .cpu_int8 import known_at_run_time
 from .packing import SUPPORTED_BITS
 
 # aten._weight_int4pack_mm_for_cpu (the torch.* binding skips ~1 us of op-packet dispatch)
@@ -339,7 +340,7 @@ def dequant_linear_cpu(
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
-    if _known_at_run_time(m):  # a MoE expert's rows: the path is chosen when they are known
+    if known_at_run_time(m):  # a MoE expert's rows: the path is chosen when they are known
         names = sorted(p)
         return torch.ops.lowbit.dequant_linear_cpu_rows(
             x, [p[name] for name in names], ",".join(names), bits, group_size, bias
@@ -375,13 +376,6 @@ def _packed_mm(xb, p, path: str, bits: int, group_size: int) -> torch.Tensor:
         return y - xg @ p["zs"]
     n = (p["w4"] if bits <= 4 else p["w4_hi"]).shape[0]  # dequant (prefill)
     return F.linear(xb, _dequant_bf16(p, bits, group_size, n, k)).float()
-
-
-def _known_at_run_time(m) -> bool:
-    """A row count the trace does not know (``lowbit::expert_rows``' output)."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    return isinstance(m, torch.SymInt) and bool(free_unbacked_symbols(m))
 
 
 @torch.library.custom_op("lowbit::dequant_linear_cpu_rows", mutates_args=())

@@ -28,7 +28,7 @@ import weakref
 import torch
 from torch import fx
 
-from qcompile import artifacts
+from qcompile import artifacts, progress
 from qcompile.context import PassContext, add_constant
 from qcompile.gptq import gptq_quantize, reconstruction_error
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
@@ -44,7 +44,8 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
     for site in sites:
         check_group_size(site.fqn, site.in_features, get_recipe(site.scheme))
     g = gm.graph
-    for site in sites:
+    gptq = any(get_recipe(s.scheme).gptq for s in sites)
+    for site in progress.bar(sites, desc="lowbit GPTQ", show=gptq):
         recipe = get_recipe(site.scheme)
         node = site.node
         bits, group = recipe.weight_bits, recipe.group_size

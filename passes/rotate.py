@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from qcompile import progress
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels.lowbit_act import block_rotate  # also registers lowbit::block_rotate
 from qcompile.options import duquant_block_size
@@ -91,7 +92,8 @@ class Plan:
 
 def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
-    for g in input_groups(ctx):
+    groups = input_groups(ctx)
+    for g in progress.bar(groups, desc="lowbit rotations", show=bool(groups)):
         plan = stored_plan(g, Plan)  # stored products (passes/_plans.py), else built
         if plan is None:
             with _one_thread():  # many tiny matmuls: extra OpenMP threads only contend

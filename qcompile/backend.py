@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import fx
 
-from . import artifacts
+from . import artifacts, progress
 from .context import frame_root
 from .options import Options
 from .pipeline import run_pipeline
@@ -69,7 +69,11 @@ def hand_off(gm: fx.GraphModule, example_inputs, handoff: str, inference: bool =
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    with _dynamic_rows(gm), torch.set_grad_enabled(torch.is_grad_enabled() and not inference):
+    with (
+        _dynamic_rows(gm),
+        torch.set_grad_enabled(torch.is_grad_enabled() and not inference),
+        progress.elapsed("compiling with inductor"),
+    ):
         compiled = compile_fx(gm, example_inputs)
     return _without_grad(compiled) if inference else compiled
 

@@ -247,7 +247,8 @@ def calibrate(
             names_by_module.setdefault(mod, []).append(f"{name}.weight" if name else "weight")
     if not names_by_module and not any(p.dim() >= 2 for p in model.parameters()):
         raise ValueError(
-            "qcompile.calibrate: the model has no matrix-shaped parameters to calibrate"
+            "qcompile.calibrate: the model has no nn.Linear, Conv1D or other matrix-shaped "
+            "parameters to calibrate"
         )
 
     per_module: dict[torch.nn.Module, SiteStats] = {}
@@ -265,6 +266,7 @@ def calibrate(
             last.update(x=x, version=x._version, summary=summarize(x2, threshold), xtx=xtx)
         per_module[mod].update(x, last["xtx"], last["summary"])
 
+    from . import progress
     from .expert_calibration import ExpertInputs
 
     handles = [m.register_forward_pre_hook(hook) for m in names_by_module]
@@ -273,7 +275,8 @@ def calibrate(
     n = 0
     try:
         with experts:
-            for batch in batches:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in progress.bar(batches, total=total, desc="lowbit calibrate"):
                 args, kwargs = as_call(batch)
                 model(*args, **kwargs)
                 n += 1

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import progress
+
 #: Calibration never reads the first ``PERPLEXITY_RESERVE`` dev tokens.
 PERPLEXITY_RESERVE = 8192
 
@@ -135,6 +137,7 @@ def perplexity(
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
     i = 0
+    bar = progress.bar(total=len(windows), desc="perplexity")
     while i < len(windows):
         # A batch holds windows of one length (the short tail runs on its own).
         length = windows[i].numel()
@@ -150,5 +153,7 @@ def perplexity(
         )
         nll += loss.double().cpu()
         count += batch[:, 1:].numel()
+        bar.update(j - i)
         i = j
+    bar.close()
     return float(torch.exp(nll / count))

@@ -53,6 +53,7 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
         ),
     ),  # fmt: skip
     "olmo2": ("Olmo2Config", dict(_LLAMA_LIKE)),
+    "llama": ("LlamaConfig", dict(_LLAMA_LIKE)),
     "llama_tied": ("LlamaConfig", dict(_LLAMA_LIKE, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(_LLAMA_LIKE)),
     "stablelm": ("StableLmConfig", dict(_LLAMA_LIKE)),
