@@ -28,10 +28,10 @@ from qcompile.smollm2 import load_smollm2
 
 @torch.no_grad()
 def measure(name, model, fwd, texts, prompt512, repeats):
-    reports_before = len(qcompile.compiled_reports())
+    reports_before = {id(r) for r in qcompile.compiled_reports()}  # the list keeps the last 256
     row = latency(model, fwd, prompt512, repeats)
     ppl = {kind: perplexity(fwd, tokens) for kind, tokens in texts.items()}
-    reports = qcompile.compiled_reports()[reports_before:]
+    reports = [r for r in qcompile.compiled_reports() if id(r) not in reports_before]
     passes = sum(r.pass_seconds for r in reports)
     columns = sum(len(s.outlier_channels) for s in reports[0].sites) if reports else 0
     return {

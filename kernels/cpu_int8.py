@@ -4,9 +4,11 @@ These are plain Python functions, not custom ops, on purpose: the lowering pass
 puts them into the graph as ``call_function`` nodes, and when the graph goes to
 inductor, AOT tracing turns them into aten ops so inductor fuses the activation
 quantization into its producer and the dequantization epilogue into one
-pointwise kernel. Only ``torch._int_mm`` stays an extern call.
+pointwise kernel. Only the GEMM stays an extern call: ``torch._int_mm``, or on a CPU
+without int8 dot products (no VNNI / AMX) an exact float32 product of the codes
+(``int8_matmul_int32``).
 
-Measured here (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
+Measured on a 2-core AMX Xeon (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
 0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.065 ms (2026-11-28; an earlier
 0.015 ms at M=1 was the stride-0 bug below: no product computed). The weight is kept
 in nn.Linear layout ``[N, K]`` and passed transposed: that view is as fast as a

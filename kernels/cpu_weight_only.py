@@ -147,7 +147,6 @@ from .packing import SUPPORTED_BITS
 _int4mm = torch._weight_int4pack_mm_for_cpu
 DECODE_MAX_M = 32  # M <= this takes the int4 GEMV kernels (see the M sweep above)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
-_BLOCK_N = 64  # rows per block of torch's CPU int4 layout (verified at prepack)
 
 
 # --------------------------------------------------------------------------- #
@@ -160,17 +159,37 @@ def _int4pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
 
 
-def _int4unpack(w4: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of ``_int4pack`` for N % 64 == 0 (aten ops; inductor fuses it).
+def _find_int4_block_rows() -> int:
+    """Rows per block of torch's CPU int4 layout on this CPU (torch 2.13: 64 with
+    AVX-512, 32 with AVX2), found by packing a probe; 0 when neither decodes it."""
+    n, k = 128, 64
+    probe = (torch.arange(n * k) * 7 % 16).to(torch.uint8).reshape(n, k)
+    w4 = _int4pack(probe)
+    for rows in (64, 32):
+        if w4.shape == (n, k // 2) and torch.equal(_unblock(w4, n, k, rows), probe):
+            return rows
+    return 0
 
-    The layout (torch 2.13): blocks of 64 rows; within a block, byte
-    ``k * 32 + j`` holds row ``j`` (low nibble) and row ``j + 32`` (high nibble)
-    of column ``k``. ``prepack_cpu`` checks this on every weight it packs and
+
+def _unblock(w4: torch.Tensor, n: int, k: int, rows: int) -> torch.Tensor:
+    b = w4.reshape(n // rows, k, rows // 2)
+    c = torch.stack((b & 15, b >> 4), dim=1)  # [N/rows, 2, K, rows/2]
+    return c.transpose(2, 3).reshape(n, k)
+
+
+def _int4unpack(w4: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``_int4pack`` for N a multiple of ``int4_block_rows()`` (aten ops;
+    inductor fuses it).
+
+    The layout (torch 2.13): blocks of B rows (64 with AVX-512, 32 with AVX2); within a
+    block, byte ``k * B/2 + j`` holds row ``j`` (low nibble) and row ``j + B/2`` (high
+    nibble) of column ``k`` (``INT4_BLOCK_ROWS``). ``prepack_cpu`` checks this on every weight it packs and
     keeps a plain copy of the codes when it does not hold.
     """
-    b = w4.reshape(n // _BLOCK_N, k, _BLOCK_N // 2)
-    c = torch.stack((b & 15, b >> 4), dim=1)  # [N/64, 2, K, 32]
-    return c.transpose(2, 3).reshape(n, k)
+    return _unblock(w4, n, k, INT4_BLOCK_ROWS)
+
+
+INT4_BLOCK_ROWS = _find_int4_block_rows()  # at import: traced code reads a constant
 
 
 def _int4_ok(n: int, k: int, group_size: int) -> bool:
@@ -181,7 +200,8 @@ def _pack_int4_checked(codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(w4, whether ``_int4unpack`` recovers ``codes`` from it)."""
     n, k = codes.shape
     w4 = _int4pack(codes)
-    ok = n % _BLOCK_N == 0 and w4.shape == (n, k // 2) and w4.dtype == torch.uint8
+    rows = INT4_BLOCK_ROWS
+    ok = rows > 0 and n % rows == 0 and w4.shape == (n, k // 2) and w4.dtype == torch.uint8
     ok = ok and torch.equal(_int4unpack(w4, n, k), codes)
     return w4, ok
 
