@@ -1,5 +1,5 @@
 """Every matmul weight of every Hugging Face causal LM is a site: tiny random configs of
-26 transformers architectures (tests/architectures.py: GPT-2's Conv1D, Falcon's
+25 transformers architectures (tests/architectures.py: GPT-2's Conv1D, Falcon's
 ``x @ W.T``, fused QKV, parallel blocks, Mixture-of-Experts tensors, ...).
 
 Per architecture and recipe: every matmul weight is quantized or reported with its
@@ -33,7 +33,7 @@ from qcompile.recipes import get_recipe, tied_embedding_recipe
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 # relative error of the logits (||y - y_fp|| / ||y_fp||) each recipe must stay within on
-# every architecture: about 1.5x the largest measured over the 26 (Gemma's; docs/results.md)
+# every architecture: about 1.5x the largest measured over the 25 (Gemma's; docs/results.md)
 TOLERANCE = {
     "int8-mixed": 0.04,
     "w8a8": 0.04,
