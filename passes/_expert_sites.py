@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
+from qcompile.passes._matmul_sites import target_name
 
 GROUPED_PRODUCTS = ("grouped_mm",)  # grouped_mm_fallback, F.grouped_mm, torch._grouped_mm
 
@@ -85,8 +86,7 @@ def routers(routing: list[fx.Node], linear_nodes: set[fx.Node]) -> set[fx.Node]:
 def _is_grouped(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
-    name = getattr(node.target, "__name__", None) or str(node.target)
-    return any(g in name.rsplit(".", 1)[-1] for g in GROUPED_PRODUCTS)
+    return any(g in target_name(node).rsplit(".", 1)[-1] for g in GROUPED_PRODUCTS)
 
 
 def _expert_weight(w, params) -> tuple[fx.Node, bool] | None:

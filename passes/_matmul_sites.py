@@ -45,7 +45,7 @@ def canonicalize_products(gm: fx.GraphModule, params: dict[str, torch.Tensor]) -
                         (
                             node.name,
                             p,
-                            f"{_target_name(node)} with a "
+                            f"{target_name(node)} with a "
                             f"{params[p.name].dim()}-D parameter operand (not rewritten)",
                         )
                     )
@@ -129,11 +129,11 @@ def _reaches_param(node, params, depth: int = 4) -> fx.Node | None:
 
 def _is_other_product(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and any(
-        name in _target_name(node).rsplit(".", 1)[-1] for name in OTHER_PRODUCTS
+        name in target_name(node).rsplit(".", 1)[-1] for name in OTHER_PRODUCTS
     )
 
 
-def _target_name(node: fx.Node) -> str:
+def target_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", None) or str(t)
 

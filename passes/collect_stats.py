@@ -97,12 +97,10 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
     )
     ctx.stats.update(recorded)
     for site in missing:  # experts the example inputs did not reach
-        if site.expert is not None and ctx.stats.get(site.fqn, _NO_ROWS).rows == 0:
+        stats = ctx.stats.get(site.fqn)
+        if site.expert is not None and (stats is None or stats.rows == 0):
             _uncalibrated_expert(site, ctx)
     return len(recorded)
-
-
-_NO_ROWS = SiteStats.empty(0, 0.0, hessian=False)
 
 
 def _stored_without_statistics(site, ctx: PassContext):
