@@ -48,6 +48,8 @@ from .recipes import RECIPES
 FORMAT = "lowbit.model"
 VERSION = 2  # 2: the DuQuant family's "plan" and "folded" products (1: site products only)
 READABLE_VERSIONS = (1, 2)
+WEIGHTS_NAME = "lowbit.safetensors"  # the lowbit file inside a model folder
+FOLDER_CONFIG = "lowbit_config.json"  # a model folder's compile options and source
 NO_GROUP = "-"  # passes/_plans.py: a row_plans / folded key entry for "no input transform"
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -359,6 +361,17 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def weights_file(path: str | os.PathLike) -> str:
+    """The lowbit file of ``path``: the path itself, or a model folder's ``WEIGHTS_NAME``."""
+    path = os.fspath(path)
+    return os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The plan (JSON) and tensors of a lowbit file or model folder, checksum verified."""
+    return _read(weights_file(path))
 
 
 def _plan_summary(art: artifacts.Artifact) -> dict:
