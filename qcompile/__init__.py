@@ -15,12 +15,12 @@ from .calibration import Calibration, SiteStats, calibrate
 from .coverage import LowbitCoverageWarning, model_report
 from .e2e_qp import e2e_qp, finish_e2e_qp, prepare_e2e_qp
 from .explain import explain
+from .folder import from_pretrained, load, save
 from .options import Options
 from .pipeline import REPORTS
 from .qat import prepare_qat
 from .recipes import RECIPES
 from .report import Report, SiteRow
-from .serialize import load, save
 
 __all__ = [
     "Calibration",
@@ -38,6 +38,7 @@ __all__ = [
     "e2e_qp",
     "explain",
     "finish_e2e_qp",
+    "from_pretrained",
     "load",
     "lowbit_backend",
     "model_report",
