@@ -3,15 +3,20 @@
 Layout: ``<debug_dir>/graph_<N>/<step>_<pass>.before.py`` and ``.after.py``
 (readable FX code), ``passes.log`` (one line per pass: rewrites, time, nodes
 added / removed / retargeted, with the linear site each belongs to) and
-``report.txt`` / ``report.json`` (the explain report of this graph).
+``report.txt`` / ``report.json`` (the explain report of this graph), and with
+matplotlib installed (``pip install 'lowbit[plot]'``) its charts under ``plots/``
+(``Report.plot``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from torch import fx
+
+log = logging.getLogger("qcompile")
 
 
 def _snapshot(gm: fx.GraphModule) -> dict[str, tuple[str, str, str, str | None]]:
@@ -82,3 +87,16 @@ class PassRunner:
         if self.dir is not None:
             (self.dir / "report.txt").write_text(str(report) + "\n")
             (self.dir / "report.json").write_text(report.to_json() + "\n")
+            _plot(report, self.dir / "plots")
+
+
+def _plot(report, folder: Path) -> None:
+    """The report's charts, where matplotlib is installed; a debug dump never fails on them."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    try:
+        report.plot(folder)
+    except Exception as e:  # noqa: BLE001 - the graphs and reports above are what matter
+        log.warning("lowbit: debug_dir: the report's plots failed: %r", e)

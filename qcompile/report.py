@@ -83,6 +83,15 @@ class Report:
             out.calibration = out.calibration or r.calibration
         return out
 
+    def plot(self, folder) -> list:
+        """Write charts of the per-site quantities (outlier channels, activation max |x|
+        before / after the transforms, weight SQNR, bits per weight) as PNG files into
+        ``folder``; return their paths. Needs matplotlib (``pip install 'lowbit[plot]'``);
+        see ``qcompile.report_plot``."""
+        from .report_plot import plot_report
+
+        return plot_report(self, folder)
+
     def to_json(self) -> str:
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v

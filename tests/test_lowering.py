@@ -113,6 +113,24 @@ def test_recompile_limit_is_reported_loudly(caplog):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+def test_several_model_copies_in_one_process_all_run_quantized():
+    """Each copy gets its own graphs (identity guards); three shapes x five copies pass
+    dynamo's per-function limit (8), which lowbit raises per live copy."""
+    ids = torch.randint(0, 96, (1, 12))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for seed in range(5):
+            model = tiny_llama(seed=seed)
+            calibration = qcompile.calibrate(model, [ids])
+            options = {"recipe": "w8a8", "handoff": "eager", "calibration": calibration}
+            fast = torch.compile(model, backend="lowbit", options=options)
+            for n in (12, 7, 5):
+                fp, q = model(ids[:, :n]).logits, fast(ids[:, :n]).logits
+                assert 0 < (q - fp).abs().max() < 0.5  # quantized, not the fp model
+    assert not [w for w in caught if issubclass(w.category, qcompile.LowbitRecompileWarning)]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_cpu_int4_prepack_is_shared_by_every_graph_of_a_weight():
     """Prefill and decode graphs (here: two static shapes) hold one prepacked copy."""
     from qcompile.backend import lowbit_backend
