@@ -15,6 +15,7 @@ from .calibration import Calibration, SiteStats, calibrate
 from .coverage import LowbitCoverageWarning, model_report
 from .e2e_qp import e2e_qp, finish_e2e_qp, prepare_e2e_qp
 from .explain import explain
+from .export import export
 from .folder import from_pretrained, load, save
 from .options import Options
 from .pipeline import REPORTS
@@ -37,6 +38,7 @@ __all__ = [
     "compiled_reports",
     "e2e_qp",
     "explain",
+    "export",
     "finish_e2e_qp",
     "from_pretrained",
     "load",

@@ -20,6 +20,7 @@ VOCAB = 320  # 256 byte symbols, the special token and 63 merges
 def _tokenizer_json() -> str:
     """A byte-level BPE trained on the start of ``pydoc_data.topics`` (deterministic)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     text = "\n".join(topics[k] for k in sorted(topics))[:200_000]
