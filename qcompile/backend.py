@@ -121,46 +121,52 @@ def guard_parameter_identity(gm: fx.GraphModule) -> None:
     tracing = TracingContext.try_get()
     if tracing is None:  # called outside dynamo (tests calling the backend directly)
         return
-    for node in gm.graph.find_nodes(op="placeholder"):
-        grapharg = node.meta.get("grapharg")
-        if grapharg is not None and isinstance(grapharg.example, torch.nn.Parameter):
-            guard = grapharg.source.make_guard(GuardBuilder.ID_MATCH)
-            tracing.guards_context.dynamo_guards.add(guard)
+    for grapharg in _parameter_args(gm):
+        guard = grapharg.source.make_guard(GuardBuilder.ID_MATCH)
+        tracing.guards_context.dynamo_guards.add(guard)
+
+
+def _parameter_args(gm: fx.GraphModule) -> list:
+    """Dynamo's record (``grapharg``: source, example) of each parameter ``gm`` takes."""
+    return [
+        node.meta["grapharg"]
+        for node in gm.graph.find_nodes(op="placeholder")
+        if isinstance(getattr(node.meta.get("grapharg"), "example", None), torch.nn.Parameter)
+    ]
 
 
 # Dynamo's recompile limit counts the graphs of one function across every model of the
 # class (per ID_MATCH'd module only where the frame's own local is the module, which
 # transformers' decorated forward is not). The identity guards above give each compiled
 # copy its own graphs, so a process comparing recipes on copies of a model would reach
-# the limit (8) at the third copy and run the rest in fp. Per live copy lowbit compiled,
-# the limit is the value the user left it at; other recompiles stay bounded by it.
+# the limit (8) at the third copy and run the rest in fp. Per live copy lowbit compiled
+# since the user (or dynamo) last set the limit, lowbit allows that value again; other
+# recompiles stay bounded by it.
 _SEEN: dict[int, weakref.ref] = {}  # id(parameter) -> parameter, of every lowbit graph
 _COPIES: list[weakref.ref] = []  # one parameter per model copy (its first graph's first)
-_LIMIT = {"base": None, "set": None}
+_LIMIT = {"base": None, "seen": None}  # the limit lowbit last saw or set
 
 
 def allow_graphs_per_model_copy(gm: fx.GraphModule) -> None:
     """Raise ``torch._dynamo.config.recompile_limit`` to its base value times the live
     model copies when ``gm`` is the first graph of a copy (no parameter seen before)."""
-    params = [
-        n.meta["grapharg"].example
-        for n in gm.graph.find_nodes(op="placeholder")
-        if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)
-    ]
+    params = [grapharg.example for grapharg in _parameter_args(gm)]
     for key in [k for k, ref in _SEEN.items() if ref() is None]:
         del _SEEN[key]
     _COPIES[:] = [ref for ref in _COPIES if ref() is not None]
     if not params or any((ref := _SEEN.get(id(p))) is not None and ref() is p for p in params):
         return
     _SEEN.update({id(p): weakref.ref(p) for p in params})
-    _COPIES.append(weakref.ref(params[0]))
     config = torch._dynamo.config
-    if config.recompile_limit != _LIMIT["set"]:  # the user's (or dynamo's default) value
-        _LIMIT["base"] = config.recompile_limit
+    if config.recompile_limit != _LIMIT["seen"]:  # the user's (or dynamo's default) value:
+        _LIMIT["base"] = config.recompile_limit  # it holds per copy compiled from now on
+        _COPIES.clear()
+    _COPIES.append(weakref.ref(params[0]))
     wanted = _LIMIT["base"] * len(_COPIES)
     if wanted > config.recompile_limit:
         log.info("lowbit: %d compiled model copies: recompile_limit %d", len(_COPIES), wanted)
-        config.recompile_limit = _LIMIT["set"] = wanted
+        config.recompile_limit = wanted
+    _LIMIT["seen"] = config.recompile_limit
 
 
 def _without_grad(compiled):
