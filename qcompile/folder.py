@@ -70,7 +70,7 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / serialize.WEIGHTS_NAME
     serialize.save(root, weights)
-    plan, _ = serialize.read(weights)
+    plan = serialize.read_plan(weights)
     recorded = _recordable(options) if options is not None else derived_options(plan, root)
     config = getattr(root, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
@@ -134,7 +134,7 @@ def from_pretrained(
     import transformers
 
     recorded = folder_config(folder)["options"]
-    plan, _ = serialize.read(folder)
+    plan = serialize.read_plan(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, plan["model_class"], None)
     if cls is None:

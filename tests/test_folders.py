@@ -8,25 +8,13 @@ import json
 
 import pytest
 import torch
-from model_folder import tiny_llama, tiny_tokenizer
+from model_folder import TEXT, tiny_llama
 from transformers import AutoTokenizer
 
 import qcompile
 from qcompile import artifacts, folder
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-TEXT = "def area(r):\n    return 3.14159 * r * r  # the area of a circle"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return tok(TEXT, return_tensors="pt").input_ids
 
 
 def quantized(ids, options):
