@@ -2,11 +2,14 @@
 
 API
 ---
-``prepack_cpu(q, scales, zeros, bits, group_size, act_dtype, *, exact=False) -> dict[str, Tensor]``
+``prepack_cpu(q, scales, zeros, bits, group_size, act_dtype, *, exact=False, packed=None, packed_kernels=True)``
     Once per weight, at lowering time. ``q`` uint8 codes ``[N, K]`` (unpack the
     dense format with ``packing.unpack`` first), ``scales``/``zeros``
-    ``[N, K // G]`` as produced by ``weight_only_reference``. Returns the
-    tensors to register as buffers; which keys are present selects the path.
+    ``[N, K // G]`` as produced by ``weight_only_reference``; ``packed``: the same
+    codes in ``packing.pack``'s layout where the caller holds them (the ``packed``
+    path then reuses that tensor); ``packed_kernels=False`` keeps oneDNN's int4 layout
+    (the earlier default, for comparison). Returns the tensors to register as buffers (a
+    ``dict[str, Tensor]``); which keys are present selects the path.
 ``dequant_linear_cpu(x, prepacked, bits, group_size, bias=None) -> Tensor``
     ``x [..., K]`` (fp32 / bf16 / fp16) -> ``[..., N]`` in ``x.dtype``.
     A plain function of aten ops, not a custom op: AOT tracing inlines it, so
@@ -19,6 +22,17 @@ API
 
 Paths (the fastest correct one per bit width and M, from the measurements below)
 ----------------------------------------------------------------------------------
+* ``packed_gemv`` / ``packed_dequant`` (the default wherever ``cpu_packed.supports``
+  the shape — G a multiple of 32 — and the group parameters fit fp16 scales and uint8
+  zero points): ``kernels.cpu_packed``, which reads the codes at their stored width
+  (2, 3, 4 or 8 bits: resident memory is the recipe's size) with int8 activations per
+  block of 32 at M <= ``cpu_packed.GEMV_MAX_M`` (decode), and dequantizes them for the
+  float GEMM above it. Prepacked: ``packed`` (int32, ``packing.pack``'s layout),
+  ``scales16``, ``zeros8``. Tolerance: its own (``cpu_packed.reference_linear``);
+  against the reference, the int8 rounding of x: ``|y - y_ref| <=
+  (d_blocks / 2) @ |W|^T`` plus float32 rounding, ``d = max|x_block| / 127``.
+  The paths below are the fallbacks (other group sizes, ``exact=True``, no C++
+  compiler) and the measurements that chose them.
 * ``int4pack`` (bits 2, 3, 4; M <= DECODE_MAX_M): ``aten._weight_int4pack_mm_for_cpu``
   with bf16 activations. 2- and 3-bit codes are valid 4-bit codes, so all
   three use the same kernel (at 4 bits of memory per weight at run time; the
@@ -140,8 +154,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import cpu_packed
 from .cpu_int8 import known_at_run_time
-from .packing import SUPPORTED_BITS
+from .packing import SUPPORTED_BITS, pack
 
 # aten._weight_int4pack_mm_for_cpu (the torch.* binding skips ~1 us of op-packet dispatch)
 _int4mm = torch._weight_int4pack_mm_for_cpu
@@ -251,6 +266,8 @@ def prepack_cpu(
     act_dtype: torch.dtype,
     *,
     exact: bool = False,
+    packed: torch.Tensor | None = None,
+    packed_kernels: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Prepack codes ``q [N, K]`` and ``scales``/``zeros [N, K/G]`` for ``dequant_linear_cpu``.
 
@@ -267,6 +284,11 @@ def prepack_cpu(
     if act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"act_dtype must be fp32, bf16 or fp16, got {act_dtype}")
     codes = q.to(torch.uint8).contiguous()
+    if packed_kernels and not exact and cpu_packed.supports(k, group_size, bits):
+        params = cpu_packed.prepack(scales, zeros, bits)
+        if params is not None:
+            words = pack(codes, bits) if packed is None else packed.contiguous()
+            return {"packed": words, **params}
     if exact or not _int4_ok(n, k, group_size):
         return {"codes": codes, "scales": scales.float(), "zeros": zeros.float()}
 
@@ -308,6 +330,8 @@ def prepack_cpu(
 
 def cpu_path(prepacked: dict[str, torch.Tensor], m: int) -> str:
     """Which path ``dequant_linear_cpu`` takes for ``m`` rows."""
+    if "packed" in prepacked:
+        return "packed_gemv" if m <= cpu_packed.GEMV_MAX_M else "packed_dequant"
     if "w4" in prepacked:
         return "int4pack" if m <= DECODE_MAX_M else "dequant"
     if "w4_hi" in prepacked:
@@ -366,6 +390,12 @@ def dequant_linear_cpu(
             x, [p[name] for name in names], ",".join(names), bits, group_size, bias
         )
     path = cpu_path(p, m)
+    if path.startswith("packed"):
+        n = p["packed"].shape[0]
+        y = cpu_packed.packed_linear(
+            x2, p["packed"], p["scales16"], p["zeros8"], bits, group_size, bias
+        )
+        return y if x.dim() == 2 else y.reshape(*lead, n)
     if path == "exact":
         n = p["codes"].shape[0]
         ng = k // group_size
@@ -416,7 +446,7 @@ def dequant_linear_cpu_rows(
 @dequant_linear_cpu_rows.register_fake
 def _(x, packed, names, bits, group_size, bias):
     p = dict(zip(names.split(","), packed))
-    n = next(p[key] for key in ("codes", "w4", "w4_hi") if key in p).shape[0]
+    n = next(p[key] for key in ("packed", "codes", "w4", "w4_hi") if key in p).shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
 

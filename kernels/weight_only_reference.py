@@ -14,9 +14,12 @@ point ``z[n, g]`` in ``[0, 2**bits - 1]``; codes ``q`` are unsigned and
 Parameters (``compute_qparams``), in float64, with ``qmax = 2**bits - 1``:
 
     lo = min(min(w_group), 0); hi = max(max(w_group), 0)   # the grid contains 0
-    s  = (hi - lo) / qmax, clamped below by finfo(scale_dtype).tiny,
-         then rounded to ``scale_dtype`` *upwards* (never smaller than the
-         float64 value, so the stored grid still spans [lo, hi])
+    s  = (hi - lo) / qmax (2^-14, fp16's smallest normal, for an all-zero group: any scale holds
+         it exactly, and a small one keeps offset-based kernels' cancellation small),
+         clamped below by finfo(scale_dtype).tiny, then rounded to ``scale_dtype`` *upwards* (never smaller than the
+         float64 value, so the stored grid still spans [lo, hi]); a float32
+         scale is rounded upwards to fp16's grid where fp16 holds it (normal
+         range), so kernels and exports that store fp16 scales hold it exactly
     z  = clamp(round(-lo / s), 0, qmax)             (s: the stored scale)
 
 Codes (``quantize_with_qparams``): ``q = clamp(round(w / s) + z, 0, qmax)``
@@ -90,8 +93,14 @@ def compute_qparams(
     wg = w.detach().double().reshape(n, k // group_size, group_size)
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
-    s64 = ((hi - lo) / qmax).clamp(min=torch.finfo(scale_dtype).tiny)
+    s64 = (hi - lo) / qmax
+    s64 = torch.where(s64 == 0, torch.full_like(s64, 2.0**-14), s64)
+    s64 = s64.clamp(min=torch.finfo(scale_dtype).tiny)
     scales = _round_up_to(s64, scale_dtype)
+    if scale_dtype == torch.float32:  # fp16's grid where it reaches: stored exactly in fp16
+        f16 = torch.finfo(torch.float16)
+        fits = (s64 >= f16.tiny) & (s64 <= f16.max)
+        scales = torch.where(fits, _round_up_to(s64, torch.float16).float(), scales)
     zeros = torch.round(-lo / scales.double()).clamp(0, qmax)
     return scales, zeros.to(scale_dtype)
 

@@ -23,8 +23,8 @@ Postcondition:
     produce its input through elementwise ops then compute it channels-major,
     ``cpu_int8.int8_linear_channels_major``); the dynamic op stays a custom op
     (data-dependent columns) that runs ``_int_mm``; ``dequant_linear`` (weight-only) becomes
-    ``cpu_weight_only.dequant_linear_cpu`` with its weight prepacked for oneDNN's int4
-    kernel (bf16 activations inside);
+    ``cpu_weight_only.dequant_linear_cpu`` reading the packed codes as stored
+    (``kernels.cpu_packed``; oneDNN's int4 layout where that cannot take the weight);
   * target ``triton``: ``quantize_rows``, ``int8_linear`` and ``dequant_linear`` become
     ``lowbit::quantize_rows_triton``, ``lowbit::int8_linear_triton`` and
     ``lowbit::dequant_linear_triton``. Low-bit sites (:func:`fuse_lowbit_triton`):
@@ -439,14 +439,20 @@ def _packed_from_cpu8(w4_hi, w4_lo, n: int, k: int) -> dict[str, torch.Tensor]:
     return {"packed": pack(cpu_weight_only.restore_codes8(w4_hi, w4_lo, n, k), 8)}
 
 
+def _group_params(scales16, zeros8, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"scales": scales16.to(dtype), "zeros": zeros8.to(dtype)}
+
+
 def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     """Prepack a weight-only site for ``cpu_weight_only.dequant_linear_cpu``.
 
-    The packed codes are unpacked once here and re-laid out for oneDNN's int4
-    kernel (decode) and the dequantize + bf16 GEMM path (prefill), once per weight
-    (kept beside its stored products, ``Artifact.derived``, so every graph of the
-    model shares one copy); the generic packed constants are dropped when nothing
-    else reads them.
+    Once per weight (kept beside its stored products, ``Artifact.derived``, so every
+    graph of the model shares one copy): the packed codes themselves with fp16 scales
+    and uint8 zero points (``cpu_packed``), or, where those kernels cannot take the
+    weight, the codes re-laid out for oneDNN's int4 kernel. What the CPU layout holds
+    exactly may be dropped from the stored products when the fp weight is released
+    (``artifacts.compact``); the generic constants leave the graph when nothing else
+    reads them.
     """
     x, packed, scales, zeros, bias, bits, group = node.args
     tensors = {n: getattr(gm, n.target) for n in (packed, scales, zeros)}
@@ -461,10 +467,18 @@ def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext
     prepacked = art.derived.get(cache_key) if art is not None else None
     if prepacked is None:  # once per weight: prefill and decode graphs share the layout
         codes = unpack(tensors[packed], bits, k)
-        prepacked = prepack_cpu(codes, tensors[scales], tensors[zeros], bits, group, act_dtype)
+        prepacked = prepack_cpu(
+            codes, tensors[scales], tensors[zeros], bits, group, act_dtype, packed=tensors[packed]
+        )
         if art is not None:
             art.derived[cache_key] = prepacked
-            if "w4" in prepacked and "codes" not in prepacked and art.rebuild is None:
+            if "packed" in prepacked and art.rebuild is None:
+                s16, z8 = prepacked["scales16"], prepacked["zeros8"]
+                s, z = art.tensors.get("scales"), art.tensors.get("zeros")
+                if s is not None and z is not None and torch.equal(s16.to(s.dtype), s):
+                    if torch.equal(z8.to(z.dtype), z) and s.dtype == z.dtype:
+                        art.rebuild = partial(_group_params, s16, z8, s.dtype)
+            elif "w4" in prepacked and "codes" not in prepacked and art.rebuild is None:
                 # the layout holds the codes exactly: the generic packed copy can be
                 # dropped when the fp weight is released (artifacts.compact)
                 shift = cpu_weight_only.group_shift(prepacked["w4"], codes, group)

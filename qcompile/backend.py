@@ -142,14 +142,21 @@ def _parameter_args(gm: fx.GraphModule) -> list:
 # the limit (8) at the third copy and run the rest in fp. Per live copy lowbit compiled
 # since the user (or dynamo) last set the limit, lowbit allows that value again; other
 # recompiles stay bounded by it.
+# Dynamo's default (8) is also too few for one copy used as users do: a causal LM run for
+# generate() and perplexity compiles about ten graphs (no cache / empty / filling cache /
+# one-token decode, each static then dynamic-length). Where the limit is dynamo's
+# default, lowbit allows GRAPHS_PER_COPY per copy instead; a limit the user set holds.
+GRAPHS_PER_COPY = 16
+_DYNAMO_DEFAULT_LIMIT = torch._dynamo.config.recompile_limit
 _SEEN: dict[int, weakref.ref] = {}  # id(parameter) -> parameter, of every lowbit graph
 _COPIES: list[weakref.ref] = []  # one parameter per model copy (its first graph's first)
 _LIMIT = {"base": None, "seen": None}  # the limit lowbit last saw or set
 
 
 def allow_graphs_per_model_copy(gm: fx.GraphModule) -> None:
-    """Raise ``torch._dynamo.config.recompile_limit`` to its base value times the live
-    model copies when ``gm`` is the first graph of a copy (no parameter seen before)."""
+    """Raise ``torch._dynamo.config.recompile_limit`` to its base value (the user's, or
+    ``GRAPHS_PER_COPY``) times the live model copies when ``gm`` is the first graph of a
+    copy (no parameter seen before)."""
     params = [grapharg.example for grapharg in _parameter_args(gm)]
     for key in [k for k, ref in _SEEN.items() if ref() is None]:
         del _SEEN[key]
@@ -159,7 +166,8 @@ def allow_graphs_per_model_copy(gm: fx.GraphModule) -> None:
     _SEEN.update({id(p): weakref.ref(p) for p in params})
     config = torch._dynamo.config
     if config.recompile_limit != _LIMIT["seen"]:  # the user's (or dynamo's default) value:
-        _LIMIT["base"] = config.recompile_limit  # it holds per copy compiled from now on
+        base = config.recompile_limit  # it holds per copy compiled from now on
+        _LIMIT["base"] = GRAPHS_PER_COPY if base == _DYNAMO_DEFAULT_LIMIT else base
         _COPIES.clear()
     _COPIES.append(weakref.ref(params[0]))
     wanted = _LIMIT["base"] * len(_COPIES)

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from qcompile.kernels import cpu_packed  # noqa: E402
 from qcompile.kernels import cpu_weight_only as cw  # noqa: E402
 from qcompile.kernels import weight_only_reference as ref  # noqa: E402
 from qcompile.kernels.packing import pack  # noqa: E402
@@ -255,11 +256,32 @@ def test_configs_come_from_functions():
 # --------------------------------------------------------------------------- #
 
 
+def _int8_act_bound(x, q, s, z, g):
+    """What rounding x to int8 per block of 32 (``cpu_packed``'s decode) may move
+    x @ W^T by: half a step of each block's grid times |W|."""
+    k = x.shape[-1]
+    xb = x.reshape(-1, k // 32, 32).float()
+    half_step = (xb.abs().amax(-1, keepdim=True) / 254).expand_as(xb).reshape(-1, k)
+    w = ref.dequantize_groupwise(q, s, z, g, dtype=torch.float32)
+    return half_step @ w.abs().t()
+
+
 def _cpu_check(
-    n, k, g, bits, dtype, m, exact=False, lead=None, has_bias=True, seed=0, positive=False
+    n,
+    k,
+    g,
+    bits,
+    dtype,
+    m,
+    exact=False,
+    lead=None,
+    has_bias=True,
+    seed=0,
+    positive=False,
+    legacy=False,
 ):
     w, q, s, z, p = _case(n, k, bits, g, dtype, seed)
-    pre = cw.prepack_cpu(q, s, z, bits, g, dtype, exact=exact)
+    pre = cw.prepack_cpu(q, s, z, bits, g, dtype, exact=exact, packed_kernels=not legacy)
     gen = _gen(seed + 1)
     x = torch.randn((*(lead or (m,)), k), generator=gen)
     if positive:  # no cancellation in x @ W^T: the worst case for relative errors
@@ -270,6 +292,13 @@ def _cpu_check(
     y_ref = ref.dequant_linear(x, p, s, z, bits, g, b)
     assert y.dtype == dtype and y.shape == y_ref.shape
     path = cw.cpu_path(pre, x.numel() // k)
+    if path == "packed_gemv":  # int8 activations: their rounding, then the output's
+        slack = _int8_act_bound(x, q, s, z, g).reshape(y.shape) * 1.001
+        w_hat = ref.dequantize_groupwise(q, s, z, g, dtype=torch.float32)
+        err = (y.float() - y_ref.float()).abs()
+        scale = (x.reshape(-1, k).float().abs() @ w_hat.abs().t()).reshape(y.shape)
+        assert (err <= slack + TRITON_TOL[dtype] * (scale + y_ref.float().abs()) + 1e-6).all()
+        return pre, path
     tol = TRITON_TOL[dtype] if path == "exact" else CPU_BF16_TOL
     _assert_close_scaled(y, y_ref, x, q, s, z, g, b, tol)
     return pre, path
@@ -280,10 +309,60 @@ def _cpu_check(
 def test_cpu_decode_and_prefill_match_reference(bits, dtype):
     n, k, g = 64, 128, 32
     pre, path = _cpu_check(n, k, g, bits, dtype, m=1, seed=bits)
+    assert path == "packed_gemv"  # the stored codes, fp16 scales, uint8 zero points
+    assert set(pre) == {"packed", "scales16", "zeros8"}
+    assert pre["packed"].dtype == torch.int32 and pre["packed"].shape[1] * 32 == k * bits
+    _, path = _cpu_check(n, k, g, bits, dtype, m=cpu_packed.GEMV_MAX_M + 1, seed=bits)
+    assert path == "packed_dequant"
+    # oneDNN's int4 layout (packed_kernels=False): the earlier default
+    pre, path = _cpu_check(n, k, g, bits, dtype, m=1, seed=bits, legacy=True)
     assert path == ("int4pack" if bits <= 4 else "int4pack_x2")
     assert "codes" not in pre  # the blocked int4 layout was decodable: 4 bits per weight
-    _, path = _cpu_check(n, k, g, bits, dtype, m=cw.DECODE_MAX_M + 7, seed=bits)
+    _, path = _cpu_check(n, k, g, bits, dtype, m=cw.DECODE_MAX_M + 7, seed=bits, legacy=True)
     assert path == "dequant"
+
+
+def test_cpu_packed_kernel_is_its_reference():
+    """lowbit::packed_linear_cpu computes cpu_packed.reference_linear (int8 activations per
+    block of 32, integer dot products, fp16 scales) to float32 rounding: every bit width,
+    group sizes 32-128, row counts around the 4-row tiles, a 3-bit K whose codes straddle
+    words, a bias, and a NaN row that must stay NaN without touching the others."""
+    cpu_packed.library()  # the ops are loaded by prepack or here
+    gen = _gen(7)
+    for bits, g, k, m in [(2, 32, 96, 1), (3, 64, 192, 5), (4, 128, 256, 3), (8, 32, 64, 9)]:
+        n = 24
+        w = torch.randn(n, k, generator=gen) * 0.1
+        q, s, z = ref.quantize_groupwise(w, bits, g)
+        s16, z8 = s.half(), z.to(torch.uint8)
+        x = torch.randn(m, k, generator=gen)
+        x[0, :32] *= 50  # an outlier block
+        if m > 2:
+            x[2, 5] = float("nan")
+        b = torch.randn(n, generator=gen)
+        y = torch.ops.lowbit.packed_linear_cpu(x, pack(q, bits), s16, z8, b, bits, g)
+        want = cpu_packed.reference_linear(x, q, s16, z8, bits, g, b)
+        ok = ~torch.isnan(want)
+        assert torch.equal(torch.isnan(y), ~ok)
+        assert bool(ok[0].all()) and (m <= 2 or not bool(ok[2].any()))
+        bound = 1e-5 * (x.nan_to_num().abs() @ w.abs().t() + b.abs())
+        assert ((y.double() - want)[ok].abs() <= bound[ok] + 1e-6).all(), (bits, g, k, m)
+        dense = torch.ops.lowbit.dequant_packed_cpu(
+            pack(q, bits), s16, z8, bits, g, k, torch.float32
+        )
+        torch.testing.assert_close(
+            dense, ref.dequantize_groupwise(q, s16.float(), z, g), rtol=0, atol=0
+        )
+
+
+def test_cpu_packed_prepack_keeps_the_stored_codes_and_refuses_what_fp16_cannot_hold():
+    w, q, s, z, p = _case(64, 128, 4, 32, torch.float32, 3)
+    pre = cw.prepack_cpu(q, s, z, 4, 32, torch.float32, packed=p)
+    assert pre["packed"] is p  # the stored tensor itself: no second copy of the codes
+    assert torch.equal(pre["scales16"].float(), s)  # compute_qparams: fp16's grid
+    tiny = s * 1e-6  # below fp16's normal range
+    assert cpu_packed.prepack(tiny, z, 4) is None
+    assert cw.cpu_path(cw.prepack_cpu(q, tiny, z, 4, 32, torch.float32), 1) != "packed_gemv"
+    assert cpu_packed.prepack(s, z + 0.5, 4) is None  # zero points must be integers
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -305,13 +384,18 @@ def test_cpu_exact_path_and_fallbacks(bits):
     # exact=True: float32 dequantization, the reference numerics
     pre, path = _cpu_check(64, 128, 32, bits, torch.float32, m=1, exact=True)
     assert path == "exact" and set(pre) == {"codes", "scales", "zeros"}
-    # N % 16 != 0: the int4 kernels cannot take it
+    # N % 16 != 0: the packed kernels take it, oneDNN's int4 kernels cannot
     _, path = _cpu_check(40, 64, 32, bits, torch.bfloat16, m=3)
+    assert path == "packed_gemv"
+    _, path = _cpu_check(40, 64, 32, bits, torch.bfloat16, m=3, legacy=True)
+    assert path == "exact"
+    # a group of 16: not the packed kernels' blocks of 32
+    _, path = _cpu_check(64, 64, 16, bits, torch.float32, m=1)
     assert path == "exact"
     # N % 64 != 0: torch's blocked layout is not decoded; a codes copy serves prefill
-    pre, path = _cpu_check(48, 64, 32, bits, torch.float32, m=40, has_bias=False)
+    pre, path = _cpu_check(48, 64, 32, bits, torch.float32, m=40, has_bias=False, legacy=True)
     assert "codes" in pre and path == "dequant"
-    _, path = _cpu_check(48, 64, 32, bits, torch.float32, m=1)
+    _, path = _cpu_check(48, 64, 32, bits, torch.float32, m=1, legacy=True)
     assert path != "exact"
 
 
@@ -319,7 +403,7 @@ def test_cpu_two_three_bit_offsets_are_exact():
     # re-centred codes: zf = (8 - z - c) * s is exactly 0 for 2 and 3 bits
     for bits in (2, 3):
         w, q, s, z, p = _case(64, 128, bits, 64, torch.float32, 1)
-        pre = cw.prepack_cpu(q, s, z, bits, 64, torch.float32)
+        pre = cw.prepack_cpu(q, s, z, bits, 64, torch.float32, packed_kernels=False)
         assert float(pre["sz"][..., 1].abs().max()) == 0.0
         dq = cw._dequant_bf16(pre, bits, 64, 64, 128).float()
         want = ref.dequantize_groupwise(q, s.bfloat16(), z, 64, dtype=torch.float32)
@@ -329,7 +413,7 @@ def test_cpu_two_three_bit_offsets_are_exact():
 def test_cpu_decode_and_prefill_agree():
     # the two paths use the same bf16 weight; only GEMM summation order differs
     w, q, s, z, p = _case(128, 256, 4, 64, torch.bfloat16, 4)
-    pre = cw.prepack_cpu(q, s, z, 4, 64, torch.bfloat16)
+    pre = cw.prepack_cpu(q, s, z, 4, 64, torch.bfloat16, packed_kernels=False)
     x = torch.randn(cw.DECODE_MAX_M + 1, 256).to(torch.bfloat16)
     y_pre = cw.dequant_linear_cpu(x, pre, 4, 64)
     y_dec = torch.cat([cw.dequant_linear_cpu(x[i : i + 1], pre, 4, 64) for i in range(len(x))])
@@ -341,7 +425,7 @@ def test_cpu_lowering_is_aten_traceable(bits, m):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     w, q, s, z, p = _case(64, 128, bits, 32, torch.float32, 0)
-    pre = cw.prepack_cpu(q, s, z, bits, 32, torch.float32)
+    pre = cw.prepack_cpu(q, s, z, bits, 32, torch.float32, packed_kernels=False)
     keys = sorted(pre)
 
     def f(x, *tensors):
@@ -368,17 +452,37 @@ def test_cpu_prepack_rejects_bad_arguments():
         cw.prepack_cpu(q, s, z, 4, 32, torch.int8)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_lowering_compiles_with_inductor(bits, fresh_dynamo):
-    # fullgraph: the lowering is plain aten ops (no graph break); decode and prefill
+def test_cpu_packed_path_traces_to_its_ops():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w, q, s, z, p = _case(64, 128, 3, 32, torch.float32, 0)
+    pre = cw.prepack_cpu(q, s, z, 3, 32, torch.float32)
+    keys = sorted(pre)
+
+    def f(x, *tensors):
+        return cw.dequant_linear_cpu(x, dict(zip(keys, tensors)), 3, 32)
+
+    for m, op in ((1, "lowbit.packed_linear_cpu"), (40, "lowbit.dequant_packed_cpu")):
+        x = torch.randn(m, 128)
+        gm = make_fx(f, tracing_mode="fake")(x, *(pre[key] for key in keys))
+        targets = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+        assert f"{op}.default" in targets, targets
+        torch.testing.assert_close(
+            gm(x, *(pre[key] for key in keys)), f(x, *(pre[key] for key in keys))
+        )
+
+
+@pytest.mark.parametrize("bits,legacy", [(4, False), (8, False), (4, True), (8, True)])
+def test_cpu_lowering_compiles_with_inductor(bits, legacy, fresh_dynamo):
+    # fullgraph: aten ops or lowbit's custom ops (no graph break); decode and prefill
     w, q, s, z, p = _case(64, 128, bits, 32, torch.float32, 2)
-    pre = cw.prepack_cpu(q, s, z, bits, 32, torch.float32)
+    pre = cw.prepack_cpu(q, s, z, bits, 32, torch.float32, packed_kernels=not legacy)
     b = torch.randn(64)
 
     def f(x):
         return torch.relu(cw.dequant_linear_cpu(x, pre, bits, 32, b))
 
     cf = torch.compile(f, fullgraph=True)
-    for m in (1, 40) if bits == 4 else (1,):
+    for m in (1, 40) if bits == 4 or not legacy else (1,):
         x = torch.randn(m, 128)
         torch.testing.assert_close(cf(x), f(x), rtol=1e-5, atol=1e-5)

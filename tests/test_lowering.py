@@ -113,6 +113,30 @@ def test_recompile_limit_is_reported_loudly(caplog):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+def test_one_copy_gets_more_graphs_than_dynamos_default_limit():
+    """generate() plus perplexity compile about ten graphs per copy: under dynamo's default
+    limit (8) lowbit allows GRAPHS_PER_COPY (16), so the eleventh shape still runs quantized."""
+    from qcompile.backend import GRAPHS_PER_COPY
+
+    assert torch._dynamo.config.recompile_limit == 8  # dynamo's default, as users have it
+    model = tiny_llama(seed=3)
+    ids = torch.randint(0, 96, (1, 16))
+    options = {
+        "recipe": "w8a8",
+        "handoff": "eager",
+        "calibration": qcompile.calibrate(model, [ids]),
+    }
+    fast = torch.compile(model, backend="lowbit", options=options, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for n in range(16, 16 - 11, -1):
+            fp, q = model(ids[:, :n]).logits, fast(ids[:, :n]).logits
+            assert 0 < (q - fp).abs().max() < 0.5  # quantized, not the fp model
+    assert not [w for w in caught if issubclass(w.category, qcompile.LowbitRecompileWarning)]
+    assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_COPY
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_several_model_copies_in_one_process_all_run_quantized():
     """Each copy gets its own graphs (identity guards); three shapes x five copies pass
     dynamo's per-function limit (8), which lowbit raises per live copy."""
@@ -131,8 +155,9 @@ def test_several_model_copies_in_one_process_all_run_quantized():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_cpu_int4_prepack_is_shared_by_every_graph_of_a_weight():
-    """Prefill and decode graphs (here: two static shapes) hold one prepacked copy."""
+def test_cpu_weight_only_prepack_is_shared_by_every_graph_of_a_weight():
+    """Prefill and decode graphs (here: two static shapes) hold one prepacked copy: the
+    stored packed codes themselves, and one fp16 copy of the scales."""
     from qcompile.backend import lowbit_backend
 
     model = tiny_llama(hidden=64)
@@ -154,12 +179,14 @@ def test_cpu_int4_prepack_is_shared_by_every_graph_of_a_weight():
 
     def prepacked(gm):
         return sorted(
-            b.untyped_storage().data_ptr() for name, b in gm.named_buffers() if "_cpu_w4" in name
+            b.untyped_storage().data_ptr()
+            for name, b in gm.named_buffers()
+            if "_cpu_packed" in name or "_cpu_scales16" in name
         )
 
     assert len(graphs) == 2
     first, second = prepacked(graphs[0]), prepacked(graphs[1])
-    assert len(set(first)) == 5  # q, k, v, o, lm_head (gate/up: N=72, the exact path)
+    assert len(set(first)) == 2 * 7  # q, k, v, o, gate, up, lm_head
     assert first == second
 
 
