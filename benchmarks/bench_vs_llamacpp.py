@@ -15,7 +15,8 @@ Columns:
   prompt, the cache growing), medians of interleaved rounds (every row once per round).
 * MB: resident weight bytes (lowbit: every storage the compiled model keeps, each once:
   parameters, graph constants, stored products; llama.cpp: the GGUF's size), bits per
-  weight over the model's parameters, and the decode roofline: the bytes a decode step
+  weight over the model's parameters, the weight-only sites' measured bits per weight
+  (their CPU layouts' bytes over their weights), and the decode roofline: the bytes a decode step
   reads (lowbit: the decode graph's constants and the parameters it still holds;
   llama.cpp: the file) over the measured read bandwidth, and the fraction of it reached.
 * first s: the first prefill and decode calls (compilation), per row.
@@ -189,7 +190,23 @@ def lowbit_row(recipe, calibration, handoff, tokens, before: bool = False) -> di
         "first_s": first_s,
         "resident": resident_bytes(model, graphs),
         "per_token": bytes_read_per_token(model, decode_graph),
+        "linear_bits": packed_bits_per_weight(model),
     }
+
+
+def packed_bits_per_weight(model) -> float | None:
+    """Measured bits per weight of the weight-only sites' CPU layouts (codes, scales and
+    zero points as held), over their weights; None without such sites."""
+    from qcompile import artifacts
+
+    held, weights = 0, 0
+    for p in model.parameters():
+        for art in artifacts.artifacts_of(p):
+            layout = next((v for k, v in art.derived.items() if k[0] == "cpu"), None)
+            if layout is not None and "packed" in layout:
+                held += sum(t.untyped_storage().nbytes() for t in layout.values())
+                weights += p.numel()
+    return 8 * held / weights if weights else None
 
 
 def bytes_read_per_token(model, decode_graph) -> int:
@@ -294,19 +311,20 @@ def measure(rows, tokens, args) -> None:
 def print_table(rows, params, gbs, args) -> None:
     fp = rows[0]
     head = ("| variant | ppl | dec-ppl | prefill ms | x fp | decode ms | x fp | MB | bits/w "
-            "| roofline ms | of roofline | first s |")  # fmt: skip
-    print("\n" + head + "\n" + "|---" * 12 + "|")
+            "| packed bits/w | roofline ms | of roofline | first s |")  # fmt: skip
+    print("\n" + head + "\n" + "|---" * 13 + "|")
     pre0, dec0 = statistics.median(fp["prefill"]), statistics.median(fp["decode"])
     for r in rows:
         pre, dec = statistics.median(r["prefill"]), statistics.median(r["decode"])
         roof = r["per_token"] / (gbs * 1e9)
         first = "" if r["first_s"] is None else f"{r['first_s']:.0f}"
+        linear = "" if r.get("linear_bits") is None else f"{r['linear_bits']:.2f}"
         ppl = "-" if args.speed_only else f"{r['ppl']:.3f}"
         dec_ratio = "-" if args.speed_only else f"x{r['dec_ratio']:.4f}"
         print(f"| {r['name']} | {ppl} | {dec_ratio} | {pre * 1e3:.0f} "
               f"| {pre0 / pre:.2f} | {dec * 1e3:.2f} | {dec0 / dec:.2f} "
               f"| {r['resident'] / 1e6:.1f} | {8 * r['resident'] / params:.2f} "
-              f"| {roof * 1e3:.2f} | {roof / dec:.0%} | {first} |")  # fmt: skip
+              f"| {linear} | {roof * 1e3:.2f} | {roof / dec:.0%} | {first} |")  # fmt: skip
     print(f"\n{args.tokens} dev tokens; {args.rounds} interleaved rounds, medians; decode: "
           f"{STEPS} greedy steps after {PROMPT} tokens; roofline at {gbs:.1f} GB/s; "
           f"threads {args.threads}; {os.cpu_count()} CPUs")  # fmt: skip
