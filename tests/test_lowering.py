@@ -116,9 +116,8 @@ def test_recompile_limit_is_reported_loudly(caplog):
 def test_one_copy_gets_more_graphs_than_dynamos_default_limit():
     """generate() plus perplexity compile about ten graphs per copy: under dynamo's default
     limit (8) lowbit allows GRAPHS_PER_COPY (16), so the eleventh shape still runs quantized."""
-    from qcompile.backend import GRAPHS_PER_COPY
+    from qcompile.backend import _DYNAMO_DEFAULT_LIMIT, GRAPHS_PER_COPY
 
-    assert torch._dynamo.config.recompile_limit == 8  # dynamo's default, as users have it
     model = tiny_llama(seed=3)
     ids = torch.randint(0, 96, (1, 16))
     options = {
@@ -127,13 +126,17 @@ def test_one_copy_gets_more_graphs_than_dynamos_default_limit():
         "calibration": qcompile.calibrate(model, [ids]),
     }
     fast = torch.compile(model, backend="lowbit", options=options, dynamic=False)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with (
+        torch._dynamo.config.patch(recompile_limit=_DYNAMO_DEFAULT_LIMIT),  # as users have it
+        warnings.catch_warnings(record=True) as caught,
+        torch.no_grad(),
+    ):
         warnings.simplefilter("always")
         for n in range(16, 16 - 11, -1):
             fp, q = model(ids[:, :n]).logits, fast(ids[:, :n]).logits
             assert 0 < (q - fp).abs().max() < 0.5  # quantized, not the fp model
+        assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_COPY
     assert not [w for w in caught if issubclass(w.category, qcompile.LowbitRecompileWarning)]
-    assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_COPY
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
