@@ -38,7 +38,7 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD = 32
-_CHUNK_ELEMS = 1 << 22  # int64 temporaries per chunk: 32 MiB
+_CHUNK_ELEMS = 1 << 20  # int64 temporaries per chunk: 8 MiB
 
 
 def _check_bits(bits: int) -> None:
@@ -91,23 +91,23 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"pack expects integer codes, got {q.dtype}")
     n, k = q.shape
     words = packed_words(k, bits)
-    out = torch.zeros((n, words + 1), dtype=torch.int64, device=q.device)  # +1: spill slot
+    out = torch.empty((n, words), dtype=torch.int32, device=q.device)
     if n == 0 or k == 0:
-        return _to_int32_words(out[:, :words])
-    q64 = q.to(torch.int64)
-    if bool(((q64 < 0) | (q64 >= (1 << bits))).any()):
-        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+        return out
     widx, shift = _positions(k, bits, q.device)
     spill = (shift + bits) > _WORD  # only possible for 3 bits
     rows = max(1, _CHUNK_ELEMS // max(k, 1))
-    for r0 in range(0, n, rows):
-        v = q64[r0 : r0 + rows]
-        o = out[r0 : r0 + rows]
+    for r0 in range(0, n, rows):  # int64 temporaries the size of a chunk
+        v = q[r0 : r0 + rows].to(torch.int64)
+        if bool(((v < 0) | (v >= (1 << bits))).any()):
+            raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+        o = torch.zeros((v.shape[0], words + 1), dtype=torch.int64, device=q.device)  # +1: spill
         # codes own disjoint bits of a word, so adding is the same as OR-ing
         o.index_add_(1, widx, (v << shift) & 0xFFFFFFFF)
         if bool(spill.any()):
             o.index_add_(1, widx[spill] + 1, v[:, spill] >> (_WORD - shift[spill]))
-    return _to_int32_words(out[:, :words])
+        out[r0 : r0 + rows] = _to_int32_words(o[:, :words])
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:

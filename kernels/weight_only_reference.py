@@ -62,6 +62,8 @@ import torch
 
 from .packing import SUPPORTED_BITS, unpack
 
+ROW_CHUNK_ELEMENTS = 1 << 21  # per-row quantization works this many elements at a time
+
 
 def _check(bits: int, group_size: int, k: int) -> None:
     if bits not in SUPPORTED_BITS:
@@ -109,20 +111,31 @@ def quantize_with_qparams(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
     """``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` in float64, as uint8 ``[N, K]``."""
-    _check(bits, group_size, w.shape[1])
+    n, k = w.shape
+    _check(bits, group_size, k)
     qmax = (1 << bits) - 1
-    s = _expand(scales.double(), group_size)
-    z = _expand(zeros.double(), group_size)
-    q = torch.round(w.detach().double() / s) + z
-    return q.clamp_(0, qmax).to(torch.uint8)
+    wg = w.detach().double().view(n, k // group_size, group_size)
+    q = torch.round(wg / scales.double().unsqueeze(-1)) + zeros.double().unsqueeze(-1)
+    return q.clamp_(0, qmax).to(torch.uint8).view(n, k)
 
 
 def quantize_groupwise(
     w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RTN group-wise quantization: ``(q uint8 [N, K], scales [N, K//G], zeros [N, K//G])``."""
-    scales, zeros = compute_qparams(w, bits, group_size, scale_dtype)
-    return quantize_with_qparams(w, scales, zeros, bits, group_size), scales, zeros
+    """RTN group-wise quantization: ``(q uint8 [N, K], scales [N, K//G], zeros [N, K//G])``,
+    computed ``ROW_CHUNK_ELEMENTS`` at a time (every step is per row: the same result,
+    with float64 temporaries the size of a chunk instead of the weight)."""
+    parts = [
+        (quantize_with_qparams(c, *qp, bits, group_size), *qp)
+        for c in w.split(chunk_rows(w.shape[1]))
+        for qp in [compute_qparams(c, bits, group_size, scale_dtype)]
+    ]
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
+def chunk_rows(k: int) -> int:
+    """Rows of a ``[N, k]`` weight that per-row work takes at a time (at least one)."""
+    return max(1, ROW_CHUNK_ELEMENTS // max(1, k))
 
 
 def dequantize_groupwise(

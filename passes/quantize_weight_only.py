@@ -33,7 +33,12 @@ from qcompile.context import PassContext, add_constant
 from qcompile.gptq import gptq_quantize, reconstruction_error
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.packing import pack, packed_bits_per_weight
-from qcompile.kernels.weight_only_reference import dequantize_groupwise, quantize_groupwise
+from qcompile.kernels.weight_only_reference import (
+    chunk_rows,
+    dequantize_groupwise,
+    quantize_groupwise,
+)
+from qcompile.memory import release_free_pages
 from qcompile.recipes import get_recipe
 
 GROUP_SIZES = (32, 64, 128)
@@ -88,6 +93,7 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(y)
         g.erase_node(node)
         site.node = y
+        release_free_pages()  # this site's float64 temporaries, before the next one's
     gm.recompile()
     return len(sites)
 
@@ -141,6 +147,11 @@ def gptq_or_rtn(w, hessian, bits: int, group: int, act_dtype: torch.dtype, gopts
 
 
 def _sqnr_db(w, q, scales, zeros, group) -> float:
-    wd = w.detach().double()
-    noise = (wd - dequantize_groupwise(q, scales, zeros, group, dtype=torch.float64)).pow(2).sum()
-    return math.inf if noise == 0 else float(10 * torch.log10(wd.pow(2).sum() / noise))
+    signal = noise = 0.0
+    n = chunk_rows(w.shape[1])
+    for rows in zip(*(t.split(n) for t in (w.detach(), q, scales, zeros))):
+        wd = rows[0].double()
+        deq = dequantize_groupwise(*rows[1:], group, dtype=torch.float64)
+        signal += float(wd.pow(2).sum())
+        noise += float((wd - deq).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)

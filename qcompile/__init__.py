@@ -17,6 +17,7 @@ from .e2e_qp import e2e_qp, finish_e2e_qp, prepare_e2e_qp
 from .explain import explain
 from .export import export
 from .folder import from_pretrained, load, save
+from .memory import memory_report
 from .options import Options
 from .pipeline import REPORTS
 from .qat import prepare_qat
@@ -42,6 +43,7 @@ __all__ = [
     "finish_e2e_qp",
     "from_pretrained",
     "load",
+    "memory_report",
     "lowbit_backend",
     "model_report",
     "prepare_e2e_qp",

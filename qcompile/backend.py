@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import fx
 
-from . import artifacts, progress
+from . import artifacts, memory, progress
 from .context import frame_root
 from .options import Options
 from .pipeline import run_pipeline
@@ -51,6 +51,7 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
     release = plan_release(replaced, tables) if opts.free_weights else []
+    roots = {id(r): r for r in map(frame_root, (src for _, src, _ in replaced)) if r is not None}
     # the quantized graph is an inference graph: in grad mode inductor still compiles it
     # and it runs without recording autograd (its kernels have no derivatives; training
     # goes through qcompile.block_ap / qcompile.e2e_qp). The eager hand-off returns
@@ -61,7 +62,10 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     )
     compiled = hand_off(gm, example_inputs, opts.handoff, inference=as_inference)
-    return release_after_first_call(compiled, release, report) if release else compiled
+    memory.GRAPHS.add(gm)
+    if not release:
+        return compiled
+    return release_after_first_call(compiled, release, report, roots.values())
 
 
 def hand_off(gm: fx.GraphModule, example_inputs, handoff: str, inference: bool = False):
@@ -222,14 +226,20 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
     return plan
 
 
-def release_after_first_call(compiled, plan, report):
-    """Wrap ``compiled`` so that its first successful call releases ``plan``'s weights."""
+def release_after_first_call(compiled, plan, report, roots=()):
+    """Wrap ``compiled`` so that its first successful call releases ``plan``'s weights,
+    then moves what the ``roots`` modules still read from a mapped checkpoint file into
+    their own memory (so the mapping, every page of which the first call may have read,
+    closes: ``memory.release_file_mappings``)."""
     pending = [plan]
 
     def release():
         if not pending:
             return
         freed = sum(artifacts.free_weight(p, owners) for p, owners in pending.pop())
+        copied = sum(memory.release_file_mappings(root) for root in roots)
+        if copied:
+            log.info("lowbit: free_weights copied %d bytes out of a mapped checkpoint", copied)
         report.memory["freed_bytes"] = report.memory.get("freed_bytes", 0) + freed
         log.info("lowbit: free_weights released %d bytes of full-precision weights", freed)
 

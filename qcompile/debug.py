@@ -16,6 +16,8 @@ from pathlib import Path
 
 from torch import fx
 
+from .memory import release_free_pages
+
 log = logging.getLogger("qcompile")
 
 
@@ -51,6 +53,7 @@ class PassRunner:
         code_before = _code(gm) if self.dir else None
         t0 = time.perf_counter()
         count = fn(gm, *args)
+        release_free_pages()
         self.times[name] = time.perf_counter() - t0
         self.rewrites[name] = count
         if self.dir is not None:

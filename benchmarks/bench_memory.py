@@ -1,0 +1,200 @@
+"""lowbit's memory on SmolLM2-135M, phase by phase: live and peak RSS above the import baseline.
+
+Each recipe runs in a fresh process: import torch, transformers, the model's modeling
+module (about 40 MiB of code: the model's, not lowbit's) and qcompile (the baseline), load the model (``from_pretrained``: weights mapped from the checkpoint),
+calibrate (only where the recipe needs it: 2 x 256 tokens of the corpus mix, 8 x 512 with
+the Hessian for GPTQ), compile with ``free_weights=True`` and call it once (1 x 128
+tokens), call it again (1 x 64: a second graph), save a model folder; a second fresh
+process loads that folder (``qcompile.from_pretrained``) and calls it once. A third row,
+"fp floor", runs the fp32 model twice without lowbit and then drops every parameter: what
+PyTorch and transformers keep for having run a model at all (the part of a steady state
+that is not lowbit's). Per phase:
+live RSS after ``gc.collect()`` and ``malloc_trim`` and the phase's peak (``VmHWM``, reset
+at the phase's start), in MiB above the baseline; then the ratios the issue sets
+targets for and ``qcompile.memory_report``'s breakdown of the steady state. Linux only.
+
+    .venv/bin/python benchmarks/bench_memory.py [--recipes w4a16-g64 int8-mixed] \\
+        [--handoff eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MIB = 2**20
+TARGETS = {  # (what, limit): the ratios issue 20 asks for
+    "steady live / quantized bytes": 1.3,
+    "compile peak / fp32 weight bytes": 1.5,
+    "load peak / saved file bytes": 1.3,
+}
+
+
+class Phases:
+    """Live and peak RSS per phase, above the baseline taken at construction."""
+
+    def __init__(self) -> None:
+        import torch
+        import transformers  # noqa: F401  (as a user's script imports them)
+        from transformers.models.llama import modeling_llama  # noqa: F401
+
+        from qcompile import memory
+
+        torch.set_num_threads(2)
+
+        self.memory = memory
+        self.base = memory.live_rss()
+        self.rows: list[tuple[str, float, float]] = []
+        memory.reset_peak()
+
+    def mark(self, phase: str) -> None:
+        live = self.memory.live_rss() - self.base
+        peak = self.memory.peak_rss() - self.base
+        self.rows.append((phase, live / MIB, peak / MIB))
+        print(f"  {phase:<34} live {live / MIB:8.1f}  peak {peak / MIB:8.1f}", flush=True)
+        self.memory.reset_peak()
+
+
+def child_quantize(recipe: str, handoff: str, folder: str) -> dict:
+    import torch
+
+    import qcompile
+    from qcompile import corpus
+    from qcompile.recipes import get_recipe
+    from qcompile.smollm2 import load_smollm2
+
+    phases = Phases()
+    model, tok = load_smollm2()
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    phases.mark("load (mapped)")
+    options = {"recipe": recipe, "free_weights": True, "handoff": handoff}
+    r = get_recipe(recipe)
+    if r.calibrated:
+        n, length = (8, 512) if r.gptq else (2, 256)
+        batches = corpus.calibration_batches(tok, n_batches=n, seq_len=length)
+        options["calibration"] = qcompile.calibrate(model, batches, hessian=r.gptq)
+        del batches
+        phases.mark("calibrate")
+    ids = corpus.eval_tokens(tok, "reference", 128)
+    fast = torch.compile(model, backend="lowbit", options=options)
+    with torch.no_grad():
+        fast(ids)
+        phases.mark("compile + first call (128 tokens)")
+        fast(ids[:, :64])
+    options.pop("calibration", None)  # the user's own reference, dropped
+    phases.mark("second call (64 tokens)")
+    reports = qcompile.compiled_reports()
+    quantized = max(rep.memory.get("quantized_bytes", 0) for rep in reports)
+    breakdown = qcompile.memory_report(model, baseline=phases.base).summary()
+    qcompile.save(model, folder, tokenizer=tok)
+    file_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    phases.mark("save")
+    return {
+        "rows": phases.rows,
+        "fp_bytes": fp_bytes,
+        "quantized_bytes": quantized,
+        "file_bytes": file_bytes,
+        "breakdown": breakdown,
+    }
+
+
+def child_load(folder: str) -> dict:
+    import torch
+    import transformers
+
+    import qcompile
+    from qcompile import corpus
+
+    phases = Phases()
+    model = qcompile.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    phases.mark("load saved folder")
+    with torch.no_grad():
+        model(corpus.eval_tokens(tok, "reference", 128))
+    phases.mark("first call of the loaded model")
+    return {"rows": phases.rows}
+
+
+def child_floor() -> dict:
+    import torch
+
+    from qcompile import corpus
+    from qcompile.smollm2 import load_smollm2
+
+    phases = Phases()
+    model, tok = load_smollm2()
+    ids = corpus.eval_tokens(tok, "reference", 128)
+    with torch.no_grad():
+        model(ids)
+        model(ids[:, :64])
+    phases.mark("fp32 model, two calls")
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype)
+    phases.mark("fp floor: every tensor dropped")
+    return {"rows": phases.rows}
+
+
+def run_child(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LOWBIT_QUIET": "1"},
+    )
+    sys.stderr.write(out.stderr[-3000:] if out.returncode else "")
+    if out.returncode:
+        raise SystemExit(f"child {args} failed ({out.returncode})")
+    print(out.stdout.split("@@")[0], end="")
+    return json.loads(out.stdout.split("@@")[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipes", nargs="+", default=["w4a16-g64", "int8-mixed"])
+    ap.add_argument("--handoff", default="inductor", choices=("eager", "inductor"))
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        child = {"quantize": child_quantize, "load": child_load, "floor": child_floor}[kind]
+        result = child(*rest)
+        print("@@" + json.dumps(result))
+        return
+    table = ["| recipe | phase | live MiB | peak MiB |", "|---|---|---|---|"]
+    ratios = ["| recipe | " + " | ".join(TARGETS) + " |", "|---|---|---|---|"]
+    print("fp floor")
+    floor = run_child("floor")
+    table += [
+        f"| fp32, no lowbit | {p} | {live:.1f} | {peak:.1f} |" for p, live, peak in floor["rows"]
+    ]
+    for recipe in args.recipes:
+        print(f"{recipe} ({args.handoff} hand-off)")
+        with tempfile.TemporaryDirectory() as folder:
+            q = run_child("quantize", recipe, args.handoff, folder)
+            loaded = run_child("load", folder)
+        rows = q["rows"] + loaded["rows"]
+        table += [f"| `{recipe}` | {p} | {live:.1f} | {peak:.1f} |" for p, live, peak in rows]
+        by = {p: (live, peak) for p, live, peak in rows}
+        compile_peak = max(peak for p, _, peak in q["rows"] if p != "load (mapped)")
+        figures = (
+            by["second call (64 tokens)"][0] * MIB / q["quantized_bytes"],
+            compile_peak * MIB / q["fp_bytes"],
+            by["load saved folder"][1] * MIB / q["file_bytes"],
+        )
+        cells = [f"{v:.2f} (target <= {t})" for v, t in zip(figures, TARGETS.values())]
+        ratios.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+        print(q["breakdown"])
+        print(
+            f"fp32 weights {q['fp_bytes'] / MIB:.1f} MiB, quantized constants "
+            f"{q['quantized_bytes'] / MIB:.1f} MiB, saved file {q['file_bytes'] / MIB:.1f} MiB\n"
+        )
+    print("\n".join(table) + "\n\n" + "\n".join(ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""What the process holds, and why: resident memory by owner (``qcompile.memory_report``).
+
+Invariant: every CPU tensor storage is counted once, under the first owner that holds it
+in this order: the model's parameters and buffers (split into those in the process's own
+memory and those still mapped from a checkpoint file), lowbit's stored products
+(``qcompile.artifacts``), the layouts lowerings derived from them (prepacked kernels'
+operands), the constants of the graphs lowbit compiled, calibration statistics, and any
+other tensor Python can reach. What the live RSS holds beyond these (Python objects,
+compiled code, libraries loaded after the baseline, allocator slack) is the stated
+remainder. Linux gives the exact figures (``/proc/self``); elsewhere RSS is not read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import resource
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+# graphs the backend handed back, for their constants (``backend.lowbit_backend`` adds)
+GRAPHS: weakref.WeakSet = weakref.WeakSet()
+_LINUX = sys.platform.startswith("linux")
+
+
+def _status(field_name: str) -> int | None:
+    if not _LINUX:
+        return None
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim() if _LINUX else None
+
+
+def release_free_pages() -> None:
+    """Hand the allocator's free pages back to the system (glibc's ``malloc_trim``): the
+    passes call it between sites, so memory freed by one site's temporaries does not stay
+    resident while the next site allocates differently sized ones."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def trim() -> None:
+    """Collect garbage, then :func:`release_free_pages`."""
+    gc.collect()
+    release_free_pages()
+
+
+def live_rss() -> int | None:
+    """Resident bytes after :func:`trim` (None where the platform does not say)."""
+    trim()
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    """The process's peak resident bytes since start or the last :func:`reset_peak`."""
+    hwm = _status("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> bool:
+    """Restart the peak at the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# RSS when qcompile was imported: memory_report's default baseline
+BASELINE_RSS = live_rss()
+
+
+def file_mapped_ranges() -> list[tuple[int, int, str]]:
+    """``(start, end, path)`` of the process's mappings of regular files (Linux)."""
+    if not _LINUX:
+        return []
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith("/"):
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5].strip()))
+    return out
+
+
+def _in_ranges(t: torch.Tensor, ranges) -> bool:
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return any(a <= ptr < b for a, b, _ in ranges)
+
+
+def release_file_mappings(module: torch.nn.Module) -> int:
+    """Copy every parameter and buffer of ``module`` that still lives in a mapped file
+    (a checkpoint ``from_pretrained`` mapped) into the process's own memory, so the
+    mapping closes once the released weights were its other users; returns the bytes
+    copied. Values, dtypes, shapes and parameter identity are unchanged."""
+    ranges = file_mapped_ranges()
+    if not ranges:
+        return 0
+    copied = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if _in_ranges(t, ranges):
+            t.data = t.data.clone()
+            copied += t.untyped_storage().nbytes()
+    return copied
+
+
+# the report --------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryReport:
+    """Bytes by owner (``rows``: owner -> (bytes, tensors)), the live RSS above the
+    baseline, and what the rows do not explain (``remainder``)."""
+
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    rss_above_baseline: int | None = None
+    baseline: int | None = None
+
+    @property
+    def counted(self) -> int:
+        return sum(b for b, _ in self.rows.values())
+
+    @property
+    def remainder(self) -> int | None:
+        if self.rss_above_baseline is None:
+            return None
+        return self.rss_above_baseline - self.counted
+
+    def summary(self) -> str:
+        mib = 2**20
+        lines = ["lowbit memory (MiB)"]
+        for owner, (nbytes, count) in self.rows.items():
+            lines.append(f"  {owner:<52} {nbytes / mib:9.2f}  ({count} tensors)")
+        lines.append(f"  {'counted':<52} {self.counted / mib:9.2f}")
+        if self.rss_above_baseline is not None:
+            lines.append(
+                f"  {'live RSS above the baseline':<52} {self.rss_above_baseline / mib:9.2f}"
+            )
+            lines.append(
+                f"  {'remainder (Python objects, code, libraries, slack)':<52} "
+                f"{self.remainder / mib:9.2f}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+OWNERS = (
+    "model parameters and buffers",
+    "model parameters mapped from a file (resident where read)",
+    "lowbit stored products",
+    "lowbit derived kernel layouts",
+    "compiled graph constants",
+    "calibration statistics",
+    "other tensors",
+)
+
+
+def memory_report(model: torch.nn.Module | None = None, baseline: int | None = None):
+    """Where the live memory goes: see the module docstring. ``baseline``: RSS bytes to
+    measure from (default: the RSS when qcompile was imported)."""
+    from qcompile import artifacts
+    from qcompile.calibration import Calibration
+
+    ranges = file_mapped_ranges()
+    seen: set[int] = set()
+    rows = {owner: [0, 0] for owner in OWNERS}
+
+    def count(owner: str, tensors) -> None:
+        for t in tensors:
+            key = _storage_key(t)
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            rows[owner][0] += t.untyped_storage().nbytes()
+            rows[owner][1] += 1
+
+    if model is not None:
+        tensors = [*model.parameters(), *model.buffers()]
+        if ranges:
+            count(OWNERS[1], (t for t in tensors if _in_ranges(t, ranges)))
+        count(OWNERS[0], tensors)
+    arts = [a for per_param in list(artifacts.REGISTRY.values()) for a in per_param.values()]
+    count(OWNERS[2], (t for a in arts for t in a.tensors.values()))
+    count(OWNERS[3], (t for a in arts for d in a.derived.values() for t in _tensors(d)))
+    count(OWNERS[4], (t for gm in list(GRAPHS) for t in gm.buffers()))
+    gc.collect()
+    objects = gc.get_objects()
+    calibrations = [o for o in objects if issubclass(type(o), Calibration)]
+    count(OWNERS[5], (t for c in calibrations for s in c.stats.values() for t in _tensors(s)))
+    count(OWNERS[6], (o for o in objects if issubclass(type(o), torch.Tensor)))
+    base = BASELINE_RSS if baseline is None else baseline
+    rss = live_rss()
+    return MemoryReport(
+        rows={k: (v[0], v[1]) for k, v in rows.items()},
+        rss_above_baseline=None if rss is None or base is None else rss - base,
+        baseline=base,
+    )
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name, None))
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        if t.device.type != "cpu" or t.is_meta or type(t).__name__ == "FakeTensor":
+            return None
+        storage = t.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() else None
+    except (RuntimeError, NotImplementedError):
+        return None
