@@ -38,7 +38,7 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD = 32
-_CHUNK_ELEMS = 1 << 20  # int64 temporaries per chunk: 8 MiB
+_CHUNK_ELEMS = 1 << 18  # int64 temporaries per chunk: 2 MiB
 
 
 def _check_bits(bits: int) -> None:

@@ -62,7 +62,7 @@ import torch
 
 from .packing import SUPPORTED_BITS, unpack
 
-ROW_CHUNK_ELEMENTS = 1 << 21  # per-row quantization works this many elements at a time
+ROW_CHUNK_ELEMENTS = 1 << 18  # per-row quantization works this many elements at a time
 
 
 def _check(bits: int, group_size: int, k: int) -> None:

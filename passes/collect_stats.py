@@ -12,7 +12,8 @@ weight was released, or they were loaded by ``qcompile.load``) gets
 ``site.artifact`` and no statistics; a released weight with no matching products
 is a ``ValueError``. Once weights of the graph were released, the example inputs are
 not run: a missing site whose recipe calibrates is a ``ValueError``, and the others
-(round-to-nearest, whose statistics only feed the report) get none.
+(round-to-nearest, whose statistics only feed the report) get none; with
+``free_weights`` those get none either (the run would read every fp weight into memory).
 Returns the number of sites whose statistics came from the example inputs.
 """
 
@@ -65,8 +66,11 @@ def collect_stats(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
             ctx.stats[site.fqn] = stats
     if not missing:
         return 0
+    report_only = not any(get_recipe(s.scheme).calibrated for s in missing)
+    if report_only and ctx.options.free_weights:
+        return 0  # statistics for the report alone: not worth reading every fp weight
     if any(artifacts.is_freed(s.weight) for s in ctx.sites):
-        if not any(get_recipe(s.scheme).calibrated for s in missing):
+        if report_only:
             return 0  # the statistics would only feed the report; the run would read zeros
         raise ValueError(
             f"lowbit: cannot calibrate {missing[0].fqn} on this graph's example inputs: other "

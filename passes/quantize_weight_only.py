@@ -38,7 +38,7 @@ from qcompile.kernels.weight_only_reference import (
     dequantize_groupwise,
     quantize_groupwise,
 )
-from qcompile.memory import release_free_pages
+from qcompile.memory import drop_file_pages, release_free_pages
 from qcompile.recipes import get_recipe
 
 GROUP_SIZES = (32, 64, 128)
@@ -93,6 +93,8 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(y)
         g.erase_node(node)
         site.node = y
+        if ctx.options.free_weights and site.param is not None:
+            drop_file_pages(site.param)  # mapped from a checkpoint: read again only if needed
         release_free_pages()  # this site's float64 temporaries, before the next one's
     gm.recompile()
     return len(sites)

@@ -34,6 +34,7 @@ from qcompile import artifacts
 from qcompile.context import PassContext, add_constant
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.reference import quantize_weight_per_channel
+from qcompile.memory import drop_file_pages, release_free_pages
 from qcompile.recipes import get_recipe
 
 
@@ -120,6 +121,9 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
             y.meta.pop("lowbit.weight_node", None)
         site.node = y
         rewrites += 1
+        if ctx.options.free_weights and site.param is not None:
+            drop_file_pages(site.param)  # mapped from a checkpoint: read again only if needed
+        release_free_pages()  # this site's temporaries, before the next one's
     gm.recompile()
     return rewrites
 

@@ -126,6 +126,29 @@ def release_file_mappings(module: torch.nn.Module) -> int:
     return copied
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages now (clean file pages are dropped)
+_PAGE = 4096
+
+
+def drop_file_pages(t: torch.Tensor) -> int:
+    """Ask the kernel to reclaim the resident pages of ``t`` where it lies in a mapped
+    file (a checkpoint's weight once quantized, with ``free_weights``): a clean page is
+    read from the file again if anything reads it, a page the process wrote is kept.
+    Returns the bytes advised (0 where ``t`` is not file-mapped or the call fails)."""
+    if not _LINUX or t.device.type != "cpu" or t.numel() == 0:
+        return 0
+    start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+    end = start + t.numel() * t.element_size()
+    if not t.is_contiguous() or not any(a <= start < b for a, b, _ in file_mapped_ranges()):
+        return 0
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    ok = libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+    return last - first if ok == 0 else 0
+
+
 # the report --------------------------------------------------------------------------
 
 
