@@ -81,7 +81,6 @@ def available() -> bool:
 
 # the prefill GEMM's dtype: bf16 where oneDNN multiplies bf16 natively (AVX512-BF16 / AMX)
 PREFILL_DTYPE = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-DEQUANT_CHUNK_ELEMENTS = 1 << 22  # above 4 rows, at most this much weight dequantized at once
 
 
 def supports(k: int, group_size: int, bits: int) -> bool:
@@ -122,13 +121,8 @@ def packed_linear(
         y = torch.ops.lowbit.packed_linear_cpu(x, packed, scales16, zeros8, bias, bits, group_size)
         return y.to(x.dtype)
     dtype = PREFILL_DTYPE
-    xd = x.to(dtype)
-    rows = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, k))  # a large weight: dequantized in parts
-    parts = [
-        F.linear(xd, torch.ops.lowbit.dequant_packed_cpu(p, s, z, bits, group_size, k, dtype))
-        for p, s, z in zip(packed.split(rows), scales16.split(rows), zeros8.split(rows))
-    ]
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    w = torch.ops.lowbit.dequant_packed_cpu(packed, scales16, zeros8, bits, group_size, k, dtype)
+    y = F.linear(x.to(dtype), w)
     if bias is not None:
         y = y.float() + bias.float()
     return y.to(x.dtype)
