@@ -51,7 +51,6 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     replaced = gm.meta.pop("lowbit.replaced_weights", [])
     tables = gm.meta.pop("lowbit.quantized_tables", set())
     release = plan_release(replaced, tables) if opts.free_weights else []
-    roots = {id(r): r for r in map(frame_root, (src for _, src, _ in replaced)) if r is not None}
     # the quantized graph is an inference graph: in grad mode inductor still compiles it
     # and it runs without recording autograd (its kernels have no derivatives; training
     # goes through qcompile.block_ap / qcompile.e2e_qp). The eager hand-off returns
@@ -65,6 +64,7 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
     memory.GRAPHS.add(gm)
     if not release:
         return compiled
+    roots = {id(r): r for r in map(frame_root, (src for _, src, _ in replaced)) if r is not None}
     return release_after_first_call(compiled, release, report, roots.values())
 
 

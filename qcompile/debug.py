@@ -53,8 +53,8 @@ class PassRunner:
         code_before = _code(gm) if self.dir else None
         t0 = time.perf_counter()
         count = fn(gm, *args)
-        release_free_pages()
         self.times[name] = time.perf_counter() - t0
+        release_free_pages()  # the pass's temporaries, before the next pass allocates
         self.rewrites[name] = count
         if self.dir is not None:
             self.step += 1

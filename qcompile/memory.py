@@ -36,22 +36,23 @@ def _status(field_name: str) -> int | None:
     return None
 
 
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
         return None
 
 
-_MALLOC_TRIM = _malloc_trim() if _LINUX else None
+_LIBC = _glibc() if _LINUX else None  # malloc_trim, madvise
 
 
 def release_free_pages() -> None:
     """Hand the allocator's free pages back to the system (glibc's ``malloc_trim``): the
     passes call it between sites, so memory freed by one site's temporaries does not stay
     resident while the next site allocates differently sized ones."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def trim() -> None:
@@ -104,10 +105,10 @@ def file_mapped_ranges() -> list[tuple[int, int, str]]:
 
 
 def _in_ranges(t: torch.Tensor, ranges) -> bool:
+    """Whether ``t``'s first element lies in one of the ``ranges``."""
     if t.device.type != "cpu" or t.numel() == 0:
         return False
-    ptr = t.untyped_storage().data_ptr()
-    return any(a <= ptr < b for a, b, _ in ranges)
+    return any(a <= t.data_ptr() < b for a, b, _ in ranges)
 
 
 def release_file_mappings(module: torch.nn.Module) -> int:
@@ -135,17 +136,14 @@ def drop_file_pages(t: torch.Tensor) -> int:
     file (a checkpoint's weight once quantized, with ``free_weights``): a clean page is
     read from the file again if anything reads it, a page the process wrote is kept.
     Returns the bytes advised (0 where ``t`` is not file-mapped or the call fails)."""
-    if not _LINUX or t.device.type != "cpu" or t.numel() == 0:
+    if _LIBC is None or not t.is_contiguous() or not _in_ranges(t, file_mapped_ranges()):
         return 0
-    start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+    start = t.data_ptr()
     end = start + t.numel() * t.element_size()
-    if not t.is_contiguous() or not any(a <= start < b for a, b, _ in file_mapped_ranges()):
-        return 0
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside
     if last <= first:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    ok = libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+    ok = _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
     return last - first if ok == 0 else 0
 
 
@@ -214,11 +212,11 @@ def memory_report(model: torch.nn.Module | None = None, baseline: int | None = N
 
     def count(owner: str, tensors) -> None:
         for t in tensors:
-            key = _storage_key(t)
-            if key is None or key in seen:
+            storage = _cpu_storage(t)
+            if storage is None or storage.data_ptr() in seen:
                 continue
-            seen.add(key)
-            rows[owner][0] += t.untyped_storage().nbytes()
+            seen.add(storage.data_ptr())
+            rows[owner][0] += storage.nbytes()
             rows[owner][1] += 1
 
     if model is not None:
@@ -258,11 +256,14 @@ def _tensors(obj):
             yield from _tensors(getattr(obj, name, None))
 
 
-def _storage_key(t: torch.Tensor) -> int | None:
+def _cpu_storage(t: torch.Tensor):
+    """``t``'s CPU storage holding memory, or None (other devices, fake or meta tensors,
+    and tensors without a storage: sparse layouts raise NotImplementedError, wrapper
+    subclasses such as functional tensors RuntimeError)."""
     try:
         if t.device.type != "cpu" or t.is_meta or type(t).__name__ == "FakeTensor":
             return None
         storage = t.untyped_storage()
-        return storage.data_ptr() if storage.nbytes() else None
+        return storage if storage.nbytes() else None
     except (RuntimeError, NotImplementedError):
         return None
