@@ -120,17 +120,37 @@ def quantize_with_qparams(
 
 
 def quantize_groupwise(
-    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float32,
+    *,
+    drop_pages: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN group-wise quantization: ``(q uint8 [N, K], scales [N, K//G], zeros [N, K//G])``,
     computed ``ROW_CHUNK_ELEMENTS`` at a time (every step is per row: the same result,
-    with float64 temporaries the size of a chunk instead of the weight)."""
-    parts = [
-        (quantize_with_qparams(c, *qp, bits, group_size), *qp)
-        for c in w.split(chunk_rows(w.shape[1]))
-        for qp in [compute_qparams(c, bits, group_size, scale_dtype)]
-    ]
-    return tuple(torch.cat(t) for t in zip(*parts))
+    with float64 temporaries the size of a chunk instead of the weight). ``drop_pages``:
+    a weight mapped from a checkpoint gives back each chunk's pages once read
+    (``memory.drop_file_pages``), so it is never resident whole."""
+    from qcompile.memory import drop_file_pages
+
+    if w.shape[0] == 0:
+        s, z = compute_qparams(w, bits, group_size, scale_dtype)
+        return quantize_with_qparams(w, s, z, bits, group_size), s, z
+    q = scales = zeros = None
+    n = chunk_rows(w.shape[1])
+    for r0 in range(0, w.shape[0], n):
+        c = w[r0 : r0 + n]
+        s, z = compute_qparams(c, bits, group_size, scale_dtype)
+        qc = quantize_with_qparams(c, s, z, bits, group_size)
+        if q is None:  # filled chunk by chunk: no second copy at the end
+            q = qc.new_empty((w.shape[0], *qc.shape[1:]))
+            scales = s.new_empty((w.shape[0], *s.shape[1:]))
+            zeros = z.new_empty((w.shape[0], *z.shape[1:]))
+        q[r0 : r0 + n], scales[r0 : r0 + n], zeros[r0 : r0 + n] = qc, s, z
+        if drop_pages:
+            drop_file_pages(c)
+    return q, scales, zeros
 
 
 def chunk_rows(k: int) -> int:

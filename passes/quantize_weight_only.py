@@ -65,7 +65,8 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
             site.weight_sqnr_db, method = art.meta.get("weight_sqnr_db"), art.meta["method"]
         else:
             q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)
-            site.weight_sqnr_db = _sqnr_db(site.weight, q, scales, zeros, group)
+            drop = ctx.options.free_weights  # mapped pages: read again only if needed
+            site.weight_sqnr_db = _sqnr_db(site.weight, q, scales, zeros, group, drop)
             packed = pack(q, bits)
         site.bits_per_weight = packed_bits_per_weight(bits, group, scales.element_size())
         site.method = method
@@ -119,8 +120,9 @@ def check_group_size(fqn: str, in_features: int, recipe) -> None:
 def quantize_site(site, ctx: PassContext, bits: int, group: int, act_dtype: torch.dtype):
     """``(q uint8, scales, zeros, method)``: RTN, or GPTQ when the recipe asks and it helps."""
     w = site.weight.detach()
-    q, scales, zeros = quantize_groupwise(w, bits, group, scale_dtype=act_dtype)
     if not get_recipe(site.scheme).gptq:
+        drop = ctx.options.free_weights
+        q, scales, zeros = quantize_groupwise(w, bits, group, act_dtype, drop_pages=drop)
         return q, scales, zeros, "rtn"
     return gptq_or_rtn(w, ctx.stats[site.fqn].hessian, bits, group, act_dtype, ctx.options.gptq)
 
@@ -148,7 +150,7 @@ def gptq_or_rtn(w, hessian, bits: int, group: int, act_dtype: torch.dtype, gopts
     return q, scales, zeros, "rtn (gptq did not reduce the error)"
 
 
-def _sqnr_db(w, q, scales, zeros, group) -> float:
+def _sqnr_db(w, q, scales, zeros, group, drop_pages: bool = False) -> float:
     signal = noise = 0.0
     n = chunk_rows(w.shape[1])
     for rows in zip(*(t.split(n) for t in (w.detach(), q, scales, zeros))):
@@ -156,4 +158,6 @@ def _sqnr_db(w, q, scales, zeros, group) -> float:
         deq = dequantize_groupwise(*rows[1:], group, dtype=torch.float64)
         signal += float(wd.pow(2).sum())
         noise += float((wd - deq).pow(2).sum())
+        if drop_pages:
+            drop_file_pages(rows[0])
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)

@@ -23,6 +23,7 @@ from .pipeline import REPORTS
 from .qat import prepare_qat
 from .recipes import RECIPES
 from .report import Report, SiteRow
+from .sequential import quantize_sequential
 
 __all__ = [
     "Calibration",
@@ -48,6 +49,7 @@ __all__ = [
     "model_report",
     "prepare_e2e_qp",
     "prepare_qat",
+    "quantize_sequential",
     "save",
 ]
 

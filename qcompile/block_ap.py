@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from qcompile import artifacts
 from qcompile.blocks import BlockCall, capture_block_inputs, find_blocks
 from qcompile.calibration import gram
-from qcompile.checkpoint import Checkpoint, materialize, meta_parameters
+from qcompile.checkpoint import materialize, meta_parameters, open_streamed
 from qcompile.gptq import gptq_quantize
 from qcompile.qat import prepare_qat
 from qcompile.qat_convert import commit_linear
@@ -119,7 +119,7 @@ def block_ap(
                 f"block_ap: {recipe!r} needs in_features divisible by {r.group_size}, but "
                 f"{blocks_name}.{name} has {mod.in_features}; choose another group size"
             )
-    streamed = _open_checkpoint(model, blocks_name, checkpoint)
+    streamed = open_streamed(model, checkpoint, "block_ap")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -174,32 +174,6 @@ def block_ap(
             p.requires_grad_(flags.get(n, p.requires_grad))
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _open_checkpoint(model, blocks_name: str, checkpoint) -> Checkpoint | None:
-    on_meta = any(p.device.type == "meta" for p in model.parameters())
-    if on_meta and checkpoint is None:
-        raise ValueError(
-            "block_ap: the model has parameters on the meta device; pass "
-            "checkpoint='model.safetensors' (or its folder) to read each block's weights "
-            "when it is trained"
-        )
-    meta_buffers = [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    if on_meta and meta_buffers:
-        raise ValueError(
-            f"block_ap: buffers such as {meta_buffers[0]!r} are on the meta device too, and "
-            "a checkpoint does not hold them all; build the model under "
-            "accelerate.init_empty_weights(), which leaves buffers real"
-        )
-    if not on_meta:
-        if checkpoint is not None:
-            raise ValueError(
-                "block_ap: checkpoint= is for a model built on the meta device; this one "
-                "holds its weights (drop checkpoint=, or build it under "
-                "accelerate.init_empty_weights())"
-            )
-        return None
-    return Checkpoint(checkpoint)
 
 
 def _check_arguments(recipe, r, init, epochs, lr_weights, lr_qparams) -> None:

@@ -183,7 +183,18 @@ class Calibration:
         return cls(stats, source=header.get("source", ""))
 
 
+@dataclass(frozen=True)
+class ModelCall:
+    """One call's positional and keyword arguments (a batch for a module that needs both,
+    e.g. a decoder block: ``ModelCall((hidden, *args), kwargs)``)."""
+
+    args: tuple
+    kwargs: dict
+
+
 def as_call(batch):
+    if isinstance(batch, ModelCall):
+        return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):

@@ -88,3 +88,32 @@ def materialize(model: nn.Module, checkpoint: Checkpoint, params: dict, device="
             model.get_submodule(owner)._parameters[leaf] = new
         size += t.numel() * t.element_size()
     return size
+
+
+def open_streamed(model: nn.Module, checkpoint, caller: str) -> Checkpoint | None:
+    """The ``Checkpoint`` a meta-device ``model``'s weights are read from part by part, or
+    ``None`` for a model that holds its weights; ``ValueError`` (naming ``caller``) for a
+    meta model without a checkpoint, meta buffers, or a checkpoint given for a real model."""
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if on_meta and checkpoint is None:
+        raise ValueError(
+            f"{caller}: the model has parameters on the meta device; pass "
+            "checkpoint='model.safetensors' (or its folder) to read each block's weights "
+            "in its turn"
+        )
+    meta_buffers = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if on_meta and meta_buffers:
+        raise ValueError(
+            f"{caller}: buffers such as {meta_buffers[0]!r} are on the meta device too, and "
+            "a checkpoint does not hold them all; build the model under "
+            "accelerate.init_empty_weights(), which leaves buffers real"
+        )
+    if not on_meta:
+        if checkpoint is not None:
+            raise ValueError(
+                f"{caller}: checkpoint= is for a model built on the meta device; this one "
+                "holds its weights (drop checkpoint=, or build it under "
+                "accelerate.init_empty_weights())"
+            )
+        return None
+    return Checkpoint(checkpoint)
