@@ -192,6 +192,19 @@ class ModelCall:
     kwargs: dict
 
 
+def statistics_for(options: Mapping) -> dict:
+    """``calibrate``'s ``hessian`` / ``sample_rows`` for the recipes a compile-options dict
+    names (its recipe and overrides): Hessians for GPTQ, input samples for transforms."""
+    from .recipes import get_recipe
+
+    names = (options.get("recipe", "int8-mixed"), *(options.get("overrides") or {}).values())
+    recipes = [get_recipe(r) for r in names]
+    return {
+        "hessian": any(r.gptq for r in recipes),
+        "sample_rows": 512 if any(r.transform for r in recipes) else 0,
+    }
+
+
 def as_call(batch):
     if isinstance(batch, ModelCall):
         return tuple(batch.args), dict(batch.kwargs)

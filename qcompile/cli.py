@@ -112,18 +112,10 @@ def compile_options(args) -> dict:
 
 def calibrated(model, tok, args, options: dict):
     """``qcompile.calibrate`` with what the options' recipes need (Hessian, samples)."""
-    from .calibration import calibrate
-    from .recipes import get_recipe
+    from .calibration import calibrate, statistics_for
 
-    recipes = [get_recipe(r) for r in (options["recipe"], *options.get("overrides", {}).values())]
-    gptq = any(r.gptq for r in recipes)
-    batches = calibration_batches(tok, args, gptq)
-    return calibrate(
-        model,
-        batches,
-        hessian=gptq,
-        sample_rows=512 if any(r.transform for r in recipes) else 0,
-    )
+    wanted = statistics_for(options)
+    return calibrate(model, calibration_batches(tok, args, wanted["hessian"]), **wanted)
 
 
 # commands ---------------------------------------------------------------------------

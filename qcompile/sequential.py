@@ -7,8 +7,8 @@ then each block in turn is read from the checkpoint, calibrated on the outputs o
 already quantized blocks before it (as GPTQModel and llm-compressor do), compiled with
 ``backend="lowbit"`` (``free_weights``: its full-precision weights are released after
 the first call), and run to give the next block's inputs. The linears outside the
-blocks (the head) are calibrated on the last block's quantized outputs and quantized
-by compiling the whole model, whose blocks then reuse their stored products; the result
+blocks (the head) come last: with every block replaced by a stand-in that returns the
+last block's stored outputs, they are calibrated on those and compiled alone; the result
 is written with ``qcompile.save`` and loads and compiles like any saved model.
 
 Invariant: at most one block's full-precision weights are in memory at a time; the
@@ -29,7 +29,7 @@ from torch import nn
 
 from . import artifacts, folder, memory
 from .blocks import BlockCall, capture_block_inputs, find_blocks
-from .calibration import Calibration, ModelCall, as_call, calibrate
+from .calibration import Calibration, ModelCall, as_call, calibrate, statistics_for
 from .checkpoint import materialize, meta_parameters, open_streamed
 from .matmul_modules import is_matmul_module
 from .options import Options
@@ -89,15 +89,6 @@ class _Calls:
             yield ModelCall((self.store.get(k), *c.args), c.kwargs)
 
 
-def _statistics_wanted(recipes, threshold: float) -> dict:
-    """``calibrate``'s arguments for ``recipes`` (Hessians, input samples)."""
-    return {
-        "threshold": threshold,
-        "hessian": any(r.gptq for r in recipes),
-        "sample_rows": 512 if any(r.transform for r in recipes) else 0,
-    }
-
-
 def quantize_sequential(
     model: nn.Module,
     checkpoint: str | os.PathLike,
@@ -129,7 +120,7 @@ def quantize_sequential(
     opts = Options.parse(dict(options))
     compile_options = {**options, "free_weights": True, "handoff": "eager"}
     recipes = [get_recipe(r) for r in (opts.recipe, *opts.overrides.values())]
-    wanted = _statistics_wanted(recipes, opts.threshold)
+    wanted = {"threshold": opts.threshold, **statistics_for(options)}
     blocks_name, blocks = find_blocks(model)
     streamed = open_streamed(model, checkpoint, "quantize_sequential")
     if streamed is None:
@@ -165,9 +156,7 @@ def quantize_sequential(
             inputs, outputs = outputs, inputs
             result.block_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _quantize_head(
-            model, blocks, calls, inputs, batches, shape, recipes, wanted, compile_options
-        )
+        _quantize_head(model, blocks, inputs, batches, shape, recipes, wanted, compile_options)
         result.head_seconds = time.perf_counter() - t0
     for name, mod in model.named_modules():
         if is_matmul_module(mod) and not name.startswith(blocks_name + "."):
@@ -213,14 +202,13 @@ class _AtPath(nn.Module):
 
     def __init__(self, name: str, block: nn.Module) -> None:
         super().__init__()
-        *parents, leaf = name.split(".")
+        self.path = tuple(name.split("."))
         holder: nn.Module = self
-        for part in parents:
+        for part in self.path[:-1]:
             child = nn.Module()
             holder.add_module(part, child)
             holder = child
-        holder.add_module(leaf, block)
-        self.path = tuple(name.split("."))
+        holder.add_module(self.path[-1], block)
 
     def forward(self, *args, **kwargs):
         block = self
@@ -250,7 +238,7 @@ class _Replay(nn.Module):
         return (out,) if self.shape == "tuple" else out
 
 
-def _quantize_head(model, blocks, calls, inputs, batches, shape, recipes, wanted, compile_options):
+def _quantize_head(model, blocks, inputs, batches, shape, recipes, wanted, compile_options):
     """Quantize the linears outside the blocks (the head; a tied embedding with it) with
     the blocks replaced by ``_Replay``: calibrated on the last block's quantized outputs
     (where a recipe calibrates), then compiled and run once, so the graph holds the head
@@ -273,12 +261,9 @@ def _quantize_head(model, blocks, calls, inputs, batches, shape, recipes, wanted
         blocks[i] = _Replay(block, source, shape)
     try:
         stats = Calibration({}, source="the head's recipes use no statistics")
-        if any(r.calibrated for r in recipes):
-            try:
-                stats = calibrate(model, replayed(), **wanted)
-            except ValueError as e:  # no linear outside the blocks
-                if "no nn.Linear" not in str(e):
-                    raise
+        head = any(is_matmul_module(m) for m in model.modules())  # blocks are hidden now
+        if head and any(r.calibrated for r in recipes):
+            stats = calibrate(model, replayed(), **wanted)
         for p in model.parameters():  # the pages the head read are re-read when needed
             memory.drop_file_pages(p)
         compiled = torch.compile(
