@@ -12,6 +12,8 @@ remainder. Linux gives the exact figures (``/proc/self``); elsewhere RSS is not 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import gc
 import resource
@@ -104,11 +106,25 @@ def file_mapped_ranges() -> list[tuple[int, int, str]]:
     return out
 
 
-def _in_ranges(t: torch.Tensor, ranges) -> bool:
+def in_ranges(t: torch.Tensor, ranges) -> bool:
     """Whether ``t``'s first element lies in one of the ``ranges``."""
     if t.device.type != "cpu" or t.numel() == 0:
         return False
     return any(a <= t.data_ptr() < b for a, b, _ in ranges)
+
+
+_KEEP_MAPPED = contextvars.ContextVar("lowbit_keep_mapped", default=False)
+
+
+@contextlib.contextmanager
+def keep_file_mappings():
+    """Within it, ``release_file_mappings`` copies nothing: the caller keeps reading the
+    file and gives pages back itself (``quantize_sequential``'s checkpoint)."""
+    token = _KEEP_MAPPED.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_MAPPED.reset(token)
 
 
 def release_file_mappings(module: torch.nn.Module) -> int:
@@ -116,14 +132,14 @@ def release_file_mappings(module: torch.nn.Module) -> int:
     (a checkpoint ``from_pretrained`` mapped) into the process's own memory, so the
     mapping closes once the released weights were its other users; returns the bytes
     copied. Values, dtypes, shapes and parameter identity are unchanged."""
-    ranges = file_mapped_ranges()
+    ranges = file_mapped_ranges() if not _KEEP_MAPPED.get() else []
     if not ranges:
         return 0
     from . import artifacts
 
     copied = 0
     for t in [*module.parameters(), *module.buffers()]:
-        if _in_ranges(t, ranges):
+        if in_ranges(t, ranges):
             before = artifacts.fingerprint(t)
             t.data = t.data.clone()
             for art in artifacts.artifacts_of(t):  # same values: its products still hold
@@ -137,12 +153,15 @@ _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages now (clean file pages are 
 _PAGE = 4096
 
 
-def drop_file_pages(t: torch.Tensor) -> int:
+def drop_file_pages(t: torch.Tensor, ranges=None) -> int:
     """Ask the kernel to reclaim the resident pages of ``t`` where it lies in a mapped
     file (a checkpoint's weight once quantized, with ``free_weights``): a clean page is
     read from the file again if anything reads it, a page the process wrote is kept.
-    Returns the bytes advised (0 where ``t`` is not file-mapped or the call fails)."""
-    if _LIBC is None or not t.is_contiguous() or not _in_ranges(t, file_mapped_ranges()):
+    Returns the bytes advised (0 where ``t`` is not file-mapped or the call fails).
+    ``ranges``: ``file_mapped_ranges()`` when the caller read them once for many."""
+    if _LIBC is None or not t.is_contiguous():
+        return 0
+    if not in_ranges(t, file_mapped_ranges() if ranges is None else ranges):
         return 0
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
@@ -228,7 +247,7 @@ def memory_report(model: torch.nn.Module | None = None, baseline: int | None = N
     if model is not None:
         tensors = [*model.parameters(), *model.buffers()]
         if ranges:
-            count(OWNERS[1], (t for t in tensors if _in_ranges(t, ranges)))
+            count(OWNERS[1], (t for t in tensors if in_ranges(t, ranges)))
         count(OWNERS[0], tensors)
     arts = [a for per_param in list(artifacts.REGISTRY.values()) for a in per_param.values()]
     count(OWNERS[2], (t for a in arts for t in a.tensors.values()))

@@ -12,9 +12,11 @@ last block's stored outputs, they are calibrated on those and compiled alone; th
 is written with ``qcompile.save`` and loads and compiles like any saved model.
 
 Invariant: at most one block's full-precision weights are in memory at a time; the
-blocks' hidden states live in a temporary folder on disk, one file per calibration
-call, so memory holds one call's input and output besides the block and the stored
-products of the blocks before it.
+blocks' hidden states (one file per calibration call) and the stored products of the
+blocks already quantized (one file per block, mapped back for ``save``) live in a
+temporary folder, so memory holds the block, one call's input and output, and the
+parameters outside the blocks, which stay mapped from the checkpoint (``save`` streams
+them and every product to the file, giving the pages back as it goes).
 """
 
 from __future__ import annotations
@@ -139,7 +141,10 @@ def quantize_sequential(
     for p in model.parameters():  # the embedding rows the capture read
         memory.drop_file_pages(p)
     result = SequentialResult(os.fspath(out), len(calls))
-    with tempfile.TemporaryDirectory(dir=offload_dir, prefix="lowbit-sequential-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=offload_dir, prefix="lowbit-sequential-") as tmp,
+        memory.keep_file_mappings(),  # the checkpoint stays mapped; pages are given back
+    ):
         inputs = _HiddenStore(tmp, "a")
         for k, c in enumerate(calls):
             inputs.put(k, c.hidden)
@@ -153,16 +158,17 @@ def quantize_sequential(
             stats = calibrate(at_path, _Calls(calls, inputs), **wanted)
             shape = _quantize_block(at_path, calls, inputs, outputs, stats, compile_options)
             _check_quantized(block, name, result)
+            _offload_products(block, os.path.join(tmp, f"products-{i}.pt"))
             inputs, outputs = outputs, inputs
             result.block_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         _quantize_head(model, blocks, inputs, batches, shape, recipes, wanted, compile_options)
         result.head_seconds = time.perf_counter() - t0
-    for name, mod in model.named_modules():
-        if is_matmul_module(mod) and not name.startswith(blocks_name + "."):
-            if not artifacts.is_freed(mod.weight) and not artifacts.artifacts_of(mod.weight):
-                result.left_in_fp[name] = "outside the blocks, not quantized by the recipe"
-    folder.save(model, out, tokenizer=tokenizer, options=dict(options))
+        for name, mod in model.named_modules():
+            if is_matmul_module(mod) and not name.startswith(blocks_name + "."):
+                if not artifacts.is_freed(mod.weight) and not artifacts.artifacts_of(mod.weight):
+                    result.left_in_fp[name] = "outside the blocks, not quantized by the recipe"
+        folder.save(model, out, tokenizer=tokenizer, options=dict(options))  # reads the files
     return result
 
 
@@ -186,6 +192,25 @@ def _quantize_block(block, calls, inputs, outputs, stats: Calibration, compile_o
         torch._dynamo.reset()  # the block's graphs go; its stored products stay
         memory.release_free_pages()
     return shape
+
+
+def _offload_products(block: nn.Module, path: str) -> None:
+    """Move the stored products of ``block``'s parameters to the file ``path`` and map
+    them back (``save`` reads them from there); the layouts the lowering derived from
+    them for the block's kernels go, as those kernels did."""
+    arts = [a for p in block.parameters() for a in artifacts.artifacts_of(p)]
+    tensors = {
+        f"{i}/{role}": t for i, a in enumerate(arts) for role, t in artifacts.products(a).items()
+    }
+    torch.save(tensors, path)
+    del tensors
+    mapped = torch.load(path, mmap=True, weights_only=True)
+    for a in arts:
+        a.tensors, a.derived, a.rebuild, a.compacted = {}, {}, None, False
+    for key, t in mapped.items():
+        i, _, role = key.partition("/")
+        arts[int(i)].tensors[role] = t
+    memory.release_free_pages()
 
 
 def _check_quantized(block: nn.Module, name: str, result: SequentialResult) -> None:

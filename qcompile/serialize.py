@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import artifacts
+from . import artifacts, memory, safetensors_writer
 from .matmul_modules import is_expert_tensor, is_matmul_module
 from .recipes import RECIPES
 
@@ -164,11 +164,12 @@ def _config_dict(model) -> dict | None:
 
 def _digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(plan_json.encode())
+    ranges = memory.file_mapped_ranges()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{tuple(tensors[name].shape)}\0".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().data)  # the bytes in place, no copy
+        t = tensors[name]
+        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{tuple(t.shape)}\0".encode())
+        for piece in safetensors_writer.tensor_bytes(t, ranges):  # in place, no copy
+            h.update(piece.numpy().data)
     return h.hexdigest()
 
 
@@ -246,23 +247,20 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     fp_plan: dict[str, dict] = {}
     q_plan: dict[str, dict] = {}
     plans: dict[str, dict] = {}
-    storages: set[int] = set()
     written: dict[tuple, str] = {}  # (dtype, shape, sha256) -> name: equal tensors once
 
     def put(name: str, t: torch.Tensor, share: bool = False) -> str:
         """``share``: a product (read-only), written once however often it occurs."""
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu()
         same = None
         if share:
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            same = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest())
+            h = hashlib.sha256()
+            for piece in safetensors_writer.tensor_bytes(t):
+                h.update(piece.numpy().data)
+            same = (str(t.dtype), tuple(t.shape), h.hexdigest())
             if same in written:
                 return written[same]
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # safetensors refuses tensors that share memory
-        storages.add(t.untyped_storage().data_ptr())
-        tensors[name] = t
+        tensors[name] = t  # written as it is (views, shared or mapped memory included)
         if same is not None:
             written[same] = name
         return name
@@ -357,7 +355,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        safetensors_writer.write(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

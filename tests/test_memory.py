@@ -34,7 +34,7 @@ def test_free_weights_closes_the_checkpoint_mapping(tmp_path):
     checkpoint = (tmp_path / "model.safetensors").resolve()
     norm_before = model.model.norm.weight.detach().clone()
     ranges = [r for r in memory.file_mapped_ranges() if r[2] == str(checkpoint)]
-    assert any(memory._in_ranges(p, ranges) for p in model.parameters()), (
+    assert any(memory.in_ranges(p, ranges) for p in model.parameters()), (
         "precondition: transformers maps the checkpoint's weights"
     )
     fast = torch.compile(
