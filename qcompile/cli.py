@@ -67,6 +67,36 @@ def load_model(spec: str, dtype: str = "float32"):
     return model.eval(), tok, str(path.resolve())
 
 
+def load_empty_model(spec: str, dtype: str = "float32"):
+    """``(model without weights, tokenizer, checkpoint folder, source)`` for
+    ``quantize --sequential``: a folder of .safetensors files or the SmolLM2 alias."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if spec == SMOLLM2:
+        from .smollm2 import cached_checkpoint
+
+        path, source = cached_checkpoint(), SMOLLM2
+    else:
+        path = Path(spec).expanduser()
+        source = str(path.resolve())
+        if not path.is_dir():
+            raise ValueError(
+                f"--sequential reads a model folder's .safetensors files block by block; "
+                f"{spec!r} is not a folder (quantize a .gguf file without --sequential)"
+            )
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(
+                f"--sequential reads .safetensors files and {spec} has none; save the model "
+                "with save_pretrained(..., safe_serialization=True) first"
+            )
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval(), AutoTokenizer.from_pretrained(path), path, source
+
+
 def text_tokens(tok, path: str | None) -> list:
     """``[(name, ids [1, n])]``: the file's text, else each kind of ``qcompile.corpus``."""
     import torch
@@ -126,6 +156,8 @@ def cmd_quantize(args) -> None:
 
     from . import folder
 
+    if args.sequential:
+        return quantize_sequentially(args)
     model, tok, source = load_model(args.model, args.dtype)
     options = compile_options(args)
     options["calibration"] = calibrated(model, tok, args, options)
@@ -135,6 +167,22 @@ def cmd_quantize(args) -> None:
     folder.save(fast, args.out, tokenizer=tok, options=options)
     folder.write_folder_config(args.out, source=source)
     print(f"saved {options['recipe']} model to {args.out}")
+
+
+def quantize_sequentially(args) -> None:
+    """``quantize --sequential``: ``qcompile.quantize_sequential`` from the checkpoint."""
+    from . import folder
+    from .calibration import statistics_for
+    from .sequential import quantize_sequential
+
+    model, tok, checkpoint, source = load_empty_model(args.model, args.dtype)
+    options = compile_options(args)
+    batches = calibration_batches(tok, args, statistics_for(options)["hessian"])
+    result = quantize_sequential(
+        model, checkpoint, batches, args.out, options=options, tokenizer=tok
+    )
+    folder.write_folder_config(args.out, source=source)
+    print(result)
 
 
 def cmd_explain(args) -> None:
@@ -275,6 +323,12 @@ def parser() -> argparse.ArgumentParser:
     p = _command(sub, "quantize", cmd_quantize, "calibrate, quantize and save a model folder")
     _recipe_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one decoder block at a time from the .safetensors files: for a model larger "
+        "than memory (qcompile.quantize_sequential)",
+    )
 
     p = _command(sub, "explain", cmd_explain, "what lowbit does to each layer, and plots")
     _recipe_args(p)

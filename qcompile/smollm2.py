@@ -146,6 +146,14 @@ def _write_cache(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_checkpoint() -> Path:
+    """The cache folder (safetensors, config, tokenizer), written first where missing
+    (converting the GGUF holds the model in memory once)."""
+    if not _cache_complete(cache_dir()):
+        load_smollm2()
+    return cache_dir()
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, cache: Path | str | None = None):
     """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, model in eval mode.
 

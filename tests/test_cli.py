@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from model_folder import write_model_folder
+from safetensors.torch import load_file
 
 from qcompile import cli
+from qcompile.serialize import WEIGHTS_NAME
 
 # The calibration and the evaluation texts are short: the tiny model's context is 256.
 CALIBRATION = ["--calibration-tokens", "256", "--seq-len", "128"]
@@ -58,6 +61,23 @@ def test_quantize_writes_a_model_folder(quantized, work):
     assert (quantized / "tokenizer.json").is_file() and (quantized / "config.json").is_file()
 
 
+def test_quantize_sequential_writes_the_same_model(quantized, work):
+    """Block by block from the folder's .safetensors: round-to-nearest gives the same file
+    contents as the whole-model path."""
+    done = lowbit(
+        "quantize", "tiny", "--recipe", "w4a16-g32", *CALIBRATION, "--sequential",
+        "--out", "tiny-seq", cwd=work,
+    )  # fmt: skip
+    assert "one at a time" in done.stdout
+    seq = work / "tiny-seq"
+    config = json.loads((seq / "lowbit_config.json").read_text())
+    assert config["options"] == {"recipe": "w4a16-g32"}
+    assert config["source"] == str((work / "tiny").resolve())
+    ours, whole = load_file(seq / WEIGHTS_NAME), load_file(quantized / WEIGHTS_NAME)
+    assert ours.keys() == whole.keys()
+    assert all(torch.equal(ours[k], whole[k]) for k in whole)
+
+
 def test_generate_streams_the_completion(quantized, work):
     out = lowbit(
         "generate", "tiny-w4", "--prompt", "def f(x):", "--max-new-tokens", "6", cwd=work
@@ -100,6 +120,8 @@ def test_export(quantized, work, fmt, out):
         (["quantize", "nowhere", "--out", "x"], "is not a folder, a .gguf file"),
         (["eval", "tiny"], "is not a lowbit model folder"),
         (["quantize", "tiny", "--options", "{oops", "--out", "x"], "--options is not JSON"),
+        (["quantize", "text.txt", "--sequential", "--out", "x"], "is not a folder"),
+        (["quantize", ".", "--sequential", "--out", "x"], "safetensors files and . has none"),
         (["quantize", "tiny", "--options", '{"treshold": 4}', "--out", "x"], "unknown lowbit"),
     ],
 )
