@@ -5,7 +5,10 @@ module (about 40 MiB of code: the model's, not lowbit's) and qcompile (the basel
 calibrate (only where the recipe needs it: 2 x 256 tokens of the corpus mix, 8 x 512 with
 the Hessian for GPTQ), compile with ``free_weights=True`` and call it once (1 x 128
 tokens), call it again (1 x 64: a second graph), save a model folder; a second fresh
-process loads that folder (``qcompile.from_pretrained``) and calls it once. A third row,
+process loads that folder (``qcompile.from_pretrained``) and calls it once. The
+``--sequential`` recipes run ``qcompile.quantize_sequential`` from the cached safetensors
+checkpoint (tokenizer, 8 x 512 calibration tokens and the model built without weights come
+first, inside the figures), and their folder is loaded the same way. A third row,
 "fp floor", runs the fp32 model twice without lowbit and then drops every parameter: what
 PyTorch and transformers keep for having run a model at all (the part of a steady state
 that is not lowbit's). Per phase:
@@ -120,6 +123,29 @@ def child_load(folder: str) -> dict:
     return {"rows": phases.rows}
 
 
+def child_sequential(recipe: str, folder: str) -> dict:
+    import transformers
+    from accelerate import init_empty_weights
+
+    from qcompile import corpus, quantize_sequential
+    from qcompile.smollm2 import cached_checkpoint
+
+    checkpoint = cached_checkpoint()  # before the baseline: written once, then reused
+    phases = Phases()
+    tok = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    batches = corpus.calibration_batches(tok, n_batches=8, seq_len=512)
+    phases.mark("tokenizer, batches, meta model")
+    result = quantize_sequential(
+        model, checkpoint, batches, folder, options={"recipe": recipe}, tokenizer=tok
+    )
+    phases.mark(f"quantize_sequential ({result.seconds:.0f} s)")
+    fp_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    return {"rows": phases.rows, "fp_bytes": fp_bytes}
+
+
 def child_floor() -> dict:
     import torch
 
@@ -155,13 +181,21 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--recipes", nargs="+", default=["w4a16-g64", "int8-mixed"])
+    ap.add_argument("--recipes", nargs="*", default=["w4a16-g64", "int8-mixed"])
     ap.add_argument("--handoff", default="inductor", choices=("eager", "inductor"))
+    ap.add_argument(
+        "--sequential", nargs="*", default=["w4a16-g64"], help="recipes for quantize_sequential"
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        child = {"quantize": child_quantize, "load": child_load, "floor": child_floor}[kind]
+        child = {
+            "quantize": child_quantize,
+            "sequential": child_sequential,
+            "load": child_load,
+            "floor": child_floor,
+        }[kind]
         result = child(*rest)
         print("@@" + json.dumps(result))
         return
@@ -193,7 +227,22 @@ def main() -> None:
             f"fp32 weights {q['fp_bytes'] / MIB:.1f} MiB, quantized constants "
             f"{q['quantized_bytes'] / MIB:.1f} MiB, saved file {q['file_bytes'] / MIB:.1f} MiB\n"
         )
-    print("\n".join(table) + "\n\n" + "\n".join(ratios))
+    seq = [
+        "| sequential recipe | peak / fp32 weight bytes (target <= 0.3) | the same above the "
+        "call's start |",
+        "|---|---|---|",
+    ]
+    for recipe in args.sequential:
+        print(f"{recipe} (quantize_sequential)")
+        with tempfile.TemporaryDirectory() as folder:
+            q = run_child("sequential", recipe, folder)
+            loaded = run_child("load", folder)
+        rows = q["rows"] + loaded["rows"]
+        table += [f"| `{recipe}` sequential | {p} | {lv:.1f} | {pk:.1f} |" for p, lv, pk in rows]
+        (_, setup_live, _), (_, _, peak) = q["rows"]
+        fp = q["fp_bytes"] / MIB
+        seq.append(f"| `{recipe}` | {peak / fp:.2f} | {(peak - setup_live) / fp:.2f} |")
+    print("\n".join(table) + "\n\n" + "\n".join(ratios) + "\n\n" + "\n".join(seq))
 
 
 if __name__ == "__main__":
