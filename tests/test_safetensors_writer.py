@@ -9,20 +9,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qcompile import safetensors_writer
+from qcompile import safetensors_writer, serialize
 
-DTYPES = [
-    torch.float64,
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-]
+DTYPES = list(serialize._DTYPES.values())  # every dtype a lowbit file holds
 
 
 def _tensor(dtype, shape, seed):
