@@ -198,11 +198,12 @@ def packed_bits_per_weight(model) -> float | None:
     """Measured bits per weight of the weight-only sites' CPU layouts (codes, scales and
     zero points as held), over their weights; None without such sites."""
     from qcompile import artifacts
+    from qcompile.lowering import derived
 
     held, weights = 0, 0
     for p in model.parameters():
         for art in artifacts.artifacts_of(p):
-            layout = next((v for k, v in art.derived.items() if k[0] == "cpu"), None)
+            layout = next((v for k, v in derived.layouts(art).items() if k[0] == "cpu"), None)
             if layout is not None and "packed" in layout:
                 held += sum(t.untyped_storage().nbytes() for t in layout.values())
                 weights += p.numel()

@@ -44,6 +44,7 @@ from timing import add_calibration_kinds, latency  # noqa: E402  (same folder)
 import qcompile
 from qcompile import artifacts, corpus
 from qcompile.backend import lowbit_backend
+from qcompile.lowering import derived
 from qcompile.perplexity import dev_tokens, perplexity
 from qcompile.smollm2 import load_smollm2
 
@@ -86,7 +87,7 @@ def resident_bytes(model, graphs=()) -> int:
         for art in artifacts.artifacts_of(p):
             for t in art.tensors.values():
                 add(t)
-            for layout in art.derived.values():
+            for layout in derived.layouts(art).values():
                 for t in layout.values():
                     add(t)
     return sum(storages.values())

@@ -8,11 +8,8 @@ pointwise kernel. Only the GEMM stays an extern call: ``torch._int_mm``, or on a
 without int8 dot products (no VNNI / AMX) an exact float32 product of the codes
 (``int8_matmul_int32``).
 
-Measured on a 2-core AMX Xeon (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
-0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.065 ms (2026-11-28; an earlier
-0.015 ms at M=1 was the stride-0 bug below: no product computed). The weight is kept
-in nn.Linear layout ``[N, K]`` and passed transposed: that view is as fast as a
-contiguous ``[K, N]`` copy for M=512 and much faster for M=1 (1 ms: oneDNN reorders).
+Invariant: every function computes ``reference``'s numerics exactly (int32 products, the
+same float epilogue).
 """
 
 from __future__ import annotations
@@ -48,6 +45,11 @@ def has_int8_dot() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)) or not flags
 
 
+# Measured on a 2-core AMX Xeon (2 threads, K=576, N=1536): fp32 linear 5.9 ms at M=512 and
+# 0.07 ms at M=1; ``_int_mm(q, w_q.t())`` 1.2 ms and 0.065 ms (2026-11-28; an earlier
+# 0.015 ms at M=1 was the stride-0 bug handled here: no product computed). The weight is kept
+# in nn.Linear layout ``[N, K]`` and passed transposed: that view is as fast as a
+# contiguous ``[K, N]`` copy for M=512 and much faster for M=1 (1 ms: oneDNN reorders).
 def int8_matmul_int32(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """``q[M, K] @ w_q[N, K]^T`` accumulated in int32 by oneDNN.
 

@@ -2,29 +2,25 @@
 
 ``lowbit::rotate_quantize_rows_bits_cpu`` computes
 ``quantize_rows_bits(block_rotate(x, blocks, tail, perm, blocks2, tail2), bits)`` (the
-reference: ``lowbit_act.rotate_quantize_rows_bits``) in one pass over the activations:
+reference: ``lowbit_reference.rotate_quantize_rows_bits``) in one pass over the activations:
 per tile of 32 tokens the transformed rows stay in per-thread buffers, and only the
 int8 codes and the scales are written (``cpu_rotate_quantize.cpp``). It replaces, per
 site, the unfused CPU lowering (``lowbit_act.block_rotate_cpu`` + ``quantize_rows_bits``:
 a transposed copy, batched matmuls, a gather and a quantization pass, each through
 memory), and makes a W4A4 decode step's transform one call instead of a dozen ops.
 
-Operand dtypes (:func:`prepare`): ``"float32"`` multiplies with fp32 FMAs (the products
-and sums of the reference, in another order); ``"bfloat16"`` rounds the activations and
-the block matrices to bf16 and multiplies them with AMX tiles accumulating in fp32 (the
-same numerics as ``block_rotate_cpu`` on bf16 operands). bf16 needs a CPU with AMX-BF16
-(``amx_available``) and blocks of a multiple of 32 channels; remainder blocks are fp32.
 ``lowbit::swiglu_rotate_quantize_rows_bits_cpu`` is the same kernel on ``silu(gate) *
 up`` formed per tile from the int32 accumulators of the gate and up linears (see
 :func:`swiglu_rotate_quantize_rows_bits_cpu`). Activations of any float dtype are
 read; on the AMX path bf16 ones (a bf16 model's) go to the first stage as they are,
 other dtypes are widened to fp32 first.
 
-The ops' schemas and fakes are defined here; their CPU implementation is C++ registered with
-the dispatcher (so a call costs no Python: a decode step makes one per input node), built
-on first use by inductor's C++ builder (its compiler flags for this CPU; cached on disk
-across processes, like inductor's own kernels: about 15 s once per machine) and loaded by
-:func:`library`, which the lowering calls before it inserts the op.
+Invariant: the codes and scales of the reference for the operands' dtype: fp32 operands
+sum the reference's products in another order, bf16 ones (:func:`prepare`) have the
+numerics of ``block_rotate_cpu`` on bf16 operands.
+
+The ops' schemas and fakes are defined here; their CPU implementation is C++ registered
+with the dispatcher, built and loaded by :func:`library`.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .lowbit_act import qmax_for
-from .reference import EPS
+from .reference import EPS, empty_quantized_rows
 
 __all__ = [
     "CpuRotation",
@@ -62,10 +58,7 @@ torch.library.define(
 @torch.library.register_fake("lowbit::rotate_quantize_rows_bits_cpu")
 def _(x, blocks, tail, perm, blocks2, tail2, bits, amx):
     qmax_for(bits)
-    return (
-        torch.empty(x.shape, dtype=torch.int8, device=x.device),
-        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
-    )
+    return empty_quantized_rows(x)
 
 
 torch.library.define(
@@ -89,7 +82,12 @@ def _(gate, up, act_scale, gate_scale, up_scale, blocks, tail, perm, blocks2, ta
 def library() -> ctypes.CDLL:
     """Build (first call on a machine) and load the C++ implementation, registering it
     for ``lowbit::rotate_quantize_rows_bits_cpu``; raises inductor's CppCompileError
-    where it cannot be built."""
+    where it cannot be built.
+
+    Registered with the dispatcher, a call costs no Python (a decode step makes one per
+    input node). Built by inductor's C++ builder (its compiler flags for this CPU; cached
+    on disk across processes, like inductor's own kernels: about 15 s once per machine);
+    the lowering calls this before it inserts the op."""
     from torch._inductor.codecache import CppCodeCache
 
     # the quantization's absmax floor: one definition, the reference's
@@ -125,7 +123,14 @@ def prepare(blocks, tail, perm, blocks2, tail2, dtype: torch.dtype) -> CpuRotati
     """Operands for ``dtype`` (float32 or bfloat16): fp32 contiguous matrices, ``perm``
     as int32; for bf16 (where :func:`amx_available` and every block is a multiple of 32
     wide, else fp32 operands) the blocks as bf16 pairs ``[nb, b / 2, b, 2]`` with
-    ``[i, j, :] = (B[2i, j], B[2i + 1, j])``."""
+    ``[i, j, :] = (B[2i, j], B[2i + 1, j])``.
+
+    ``"float32"`` multiplies with fp32 FMAs (the products and sums of the reference, in
+    another order); ``"bfloat16"`` rounds the activations and the block matrices to bf16
+    and multiplies them with AMX tiles accumulating in fp32 (the same numerics as
+    ``block_rotate_cpu`` on bf16 operands). bf16 needs a CPU with AMX-BF16
+    (``amx_available``) and blocks of a multiple of 32 channels; remainder blocks are
+    fp32."""
     full = [b for b in (blocks, blocks2) if b is not None]
     amx = (
         dtype == torch.bfloat16

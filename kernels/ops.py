@@ -25,10 +25,7 @@ def quantize_rows(
 
 @quantize_rows.register_fake
 def _(x, inlier_mask):
-    return (
-        torch.empty(x.shape, dtype=torch.int8, device=x.device),
-        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
-    )
+    return ref.empty_quantized_rows(x)
 
 
 @torch.library.custom_op("lowbit::int8_linear", mutates_args=())
@@ -47,7 +44,7 @@ def int8_linear(
 
 @int8_linear.register_fake
 def _(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
-    return torch.empty((*q.shape[:-1], w_q.shape[0]), dtype=out_dtype, device=q.device)
+    return ref.empty_linear_out(q, w_q, out_dtype)
 
 
 @torch.library.custom_op("lowbit::int8_mixed_linear_dynamic", mutates_args=())

@@ -10,6 +10,8 @@ API
     Words per row: ``ceil(k * bits / 32)``.
 ``packed_bits_per_weight(bits, group_size, scale_dtype_bytes=2) -> float``
     Storage cost per weight including one scale and one zero point per group.
+``pack_int4(q) -> Tensor[int8, ..., ceil(K / 2)]`` / ``unpack_int4(packed, k)``
+    Signed int4 pairs per byte, a layout of its own (the W4A4 GEMM's operands; below).
 
 Layout (one definition for every bit width)
 -------------------------------------------
@@ -140,10 +142,45 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return out
 
 
-def pack_ratio(bits: int) -> float:
-    """Codes per int32 word (10.67 for dense 3-bit)."""
-    _check_bits(bits)
-    return _WORD / bits
+# --------------------------------------------------------------------------- packed int4
+# Signed int4 pairs (the W4A4 GEMM's operands, ``triton_lowbit``), a layout apart from the
+# int32 words above: two signed 4-bit values (``[-8, 7]``, two's complement) per int8 byte
+# along the last dimension; byte ``j`` holds element ``2j`` in its low nibble (bits 0-3)
+# and element ``2j + 1`` in its high nibble (bits 4-7). An odd ``K`` is padded with one
+# zero element (the last byte's high nibble is 0), so ``[..., K]`` packs to
+# ``[..., ceil(K / 2)]``; since padding nibbles are zero, a dot product over packed
+# operands of equal width needs no ``K``.
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed int4 values per int8 byte along the last dimension (layout above).
+
+    ``q`` is an integer tensor ``[..., K]`` with values in ``[-8, 7]`` (checked);
+    returns int8 ``[..., ceil(K / 2)]``.
+    """
+    if q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise TypeError(f"pack_int4 expects integer values, got {q.dtype}")
+    if q.numel() and bool(((q < -8) | (q > 7)).any()):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    v = q.to(torch.int16)
+    if v.shape[-1] % 2:
+        v = torch.nn.functional.pad(v, (0, 1))
+    lo, hi = v[..., 0::2], v[..., 1::2]
+    return ((hi << 4) | (lo & 0xF)).to(torch.int8)  # in [-128, 127]: exact
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 ``[..., W]`` -> int8 ``[..., k]`` in ``[-8, 7]``."""
+    if packed.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 expects int8 bytes, got {packed.dtype}")
+    w = packed.shape[-1]
+    if k < 0 or (k + 1) // 2 != w:
+        raise ValueError(f"{w} bytes per row do not hold k={k} int4 values")
+    v = packed.to(torch.int16)
+    lo = ((v & 0xF) ^ 8) - 8  # sign-extend the low nibble
+    hi = v >> 4  # arithmetic shift: the signed high nibble
+    out = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], 2 * w)
+    return out[..., :k].to(torch.int8)
 
 
 __all__ = [
@@ -152,5 +189,6 @@ __all__ = [
     "unpack",
     "packed_words",
     "packed_bits_per_weight",
-    "pack_ratio",
+    "pack_int4",
+    "unpack_int4",
 ]

@@ -18,6 +18,8 @@ Conventions shared by all int8 kernels:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-8  # smallest absmax; an all-zero row quantizes to zeros with this scale
@@ -84,3 +86,29 @@ def int8_linear(
     if addend is not None:
         out = out + addend.reshape(-1, w_q.shape[0]).to(wide)
     return out.to(out_dtype).reshape(*lead, w_q.shape[0])
+
+
+def empty_quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(q, scale)`` with :func:`quantize_rows`' shapes and dtypes (the fake kernel of
+    every per-token quantization op)."""
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+def empty_linear_out(q: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Empty output of :func:`int8_linear` (the fake kernel of the int8 GEMM ops)."""
+    return torch.empty((*q.shape[:-1], w_q.shape[0]), dtype=out_dtype, device=q.device)
+
+
+def sqnr_db_from_sums(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` of summed squares (inf for an exact copy)."""
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``approx`` against ``reference`` (float64)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.double()).pow(2).sum().item()
+    return sqnr_db_from_sums(ref.pow(2).sum().item(), noise)

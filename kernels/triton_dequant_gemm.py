@@ -1,49 +1,15 @@
-"""Triton weight-only dequantizing GEMM for the ``w{8,4,3,2}a16-g{G}`` recipes.
+"""Triton weight-only dequantizing GEMM (prefill) and split-K GEMV (decode) for the
+``w{8,4,3,2}a16-g{G}`` recipes: ``lowbit::dequant_linear_triton`` (fake implementation for
+tracing beside it).
 
-API
----
-``dequant_linear_triton_impl(x, packed, scales, zeros, bias, bits, group_size, path="auto")``
-    ``x [..., K]`` fp16 / bf16 / fp32; ``packed`` int32 ``[N, ceil(K*bits/32)]``
-    from ``packing.pack``; ``scales``, ``zeros`` ``[N, K // group_size]`` (any
-    float dtype, read as float32); ``bias [N]`` or None. Returns ``[..., N]``
-    in ``x.dtype``. ``path``: ``"gemm"`` (tiled ``tl.dot``), ``"gemv"``
-    (split-K reduction, decode) or ``"auto"`` (``"gemv"`` when M == 1).
-``torch.ops.lowbit.dequant_linear_triton(x, packed, scales, zeros, bias, bits: int, group_size: int)``
-    The custom op (``path="auto"``), with a fake implementation for tracing.
-``dequant_gemm_configs()`` / ``dequant_gemv_configs()``
-    Autotune configs (one small config under the interpreter).
-
-Numerics (those of ``weight_only_reference.dequant_linear``)
-------------------------------------------------------------
-Both kernels read the packed codes, unpack them in-register with the layout of
-``packing.py`` (a 3-bit code that straddles two words is assembled from both),
-dequantize ``(q - z) * s`` in float32, round the weight tile to the activation
-dtype (what the reference feeds its GEMM), and accumulate ``x * w`` in
-float32. fp32 activations use ``input_precision="ieee"`` (no TF32), so the
-result differs from the reference only by summation order. Bias is added in
-float32 and the output is rounded once to ``x.dtype``.
-
-``_dequant_gemm_kernel``: one template for all bit widths (``BITS`` and
-``GROUP_SIZE`` are ``tl.constexpr``), tiles ``[BLOCK_M, BLOCK_N]`` of the
-output, K in ``BLOCK_K`` steps, grouped program order. ``_dequant_gemv_kernel``:
-for decode (M == 1) there is no row tile to feed ``tl.dot``; each program
-reduces a ``[BLOCK_N]`` slice of outputs over one of ``SPLIT_K`` K-ranges with
-elementwise products and ``tl.sum``, writes a float32 partial, and the wrapper
-sums the partials in a fixed order (deterministic, no atomics) and adds bias.
-``SPLIT_K`` is chosen by the wrapper so that there are enough programs to fill
-the GPU even when N is small; each K-range is a whole number of groups.
-
-Without a GPU the kernels only run under the Triton interpreter
-(``TRITON_INTERPRET=1`` before triton is imported); see ``triton_int8``.
-Caveats: (1) developed and tested only under the interpreter (no GPU was
-available): the GPU compile path is unexercised and the autotune configs are
-untuned guesses. (2) The interpreter's ``tl.dot`` multiplies bf16 operands as
-their raw uint16 bits (triton 3.9), so under the interpreter bf16 tiles are
-upcast to float32 before the dot (exact: bf16 products fit in float32); on a
-GPU the native bf16 dot runs. (3) Unpacking gathers each code's word(s) per
-element (a word is re-read 32/BITS times, from L1) and scales/zeros per
-element; a tuned kernel would load each word once and interleave with
-``tl.join``/``tl.reshape`` — correctness first here.
+Invariant: the numerics of ``weight_only_reference.dequant_linear``. Both kernels unpack
+the codes in-register (``packing.py``'s layout), dequantize ``(q - z) * s`` in float32,
+round the weight tile to the activation dtype (what the reference feeds its GEMM) and
+accumulate ``x * w`` in float32 (fp32 activations with ``input_precision="ieee"``, no
+TF32), so the result differs from the reference only by summation order; bias is added in
+float32 and the output rounded once to ``x.dtype``. Developed and tested only under the
+Triton interpreter (``TRITON_INTERPRET=1``, see ``triton_int8``): the GPU compile path is
+unexercised and the autotune configs are untuned guesses.
 """
 
 from __future__ import annotations
@@ -53,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .packing import SUPPORTED_BITS, packed_words
-from .triton_int8 import _device_ctx, _interpret_env, _require_triton, _round_to_bf16_grid
+from .triton_common import _interpret_env, gemm_configs, gemm_grid, grouped_tile
+from .triton_int8 import _device_ctx, _require_triton, _round_to_bf16_grid
 
 GEMV_MAX_M = 1  # "auto" uses the split-K GEMV for M <= this
 
@@ -62,6 +29,9 @@ GEMV_MAX_M = 1  # "auto" uses the split-K GEMV for M <= this
 # --------------------------------------------------------------------------- #
 
 
+# Unpacking gathers each code's word(s) per element (a word is re-read 32/BITS times, from
+# L1) and scales/zeros per element; a tuned kernel would load each word once and
+# interleave with ``tl.join``/``tl.reshape`` — correctness first here.
 @triton.jit
 def _unpack_codes(row_ptrs, offs_k, ok, BITS: tl.constexpr):
     """Codes at K positions ``offs_k`` of the rows ``row_ptrs`` point to (int32 words).
@@ -99,10 +69,6 @@ def _dequant_tile(codes, s_ptrs, z_ptrs, ok, W_DTYPE: tl.constexpr):
 
 def dequant_gemm_configs() -> list[triton.Config]:
     """Autotune configs for ``_dequant_gemm_kernel``; BLOCK_K is a power of two >= 16."""
-    if _interpret_env():
-        return [
-            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)
-        ]
     cfg = [
         # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)
         (128, 128, 64, 8, 3, 8),
@@ -114,16 +80,11 @@ def dequant_gemm_configs() -> list[triton.Config]:
         (16, 64, 128, 8, 4, 4),  # small M
         (16, 128, 64, 8, 4, 4),
     ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-            num_stages=s,
-            num_warps=w,
-        )
-        for bm, bn, bk, g, s, w in cfg
-    ]
+    return gemm_configs(cfg, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
 
 
+# One template for all bit widths (``BITS`` and ``GROUP_SIZE`` are ``tl.constexpr``): tiles
+# ``[BLOCK_M, BLOCK_N]`` of the output, K in ``BLOCK_K`` steps, grouped program order.
 @triton.autotune(configs=dequant_gemm_configs(), key=["M", "N", "K", "BITS", "GROUP_SIZE"])
 @triton.jit
 def _dequant_gemm_kernel(
@@ -157,21 +118,7 @@ def _dequant_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, offs_k, m_ok, n_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     n64 = offs_n.to(tl.int64)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     p_rows = p_ptr + n64[None, :] * stride_pn  # [1, BLOCK_N]; K runs down the tile
@@ -216,6 +163,12 @@ def dequant_gemv_configs() -> list[triton.Config]:
     ]
 
 
+# Decode (M == 1): there is no row tile to feed ``tl.dot``; each program reduces a
+# ``[BLOCK_N]`` slice of outputs over one of ``SPLIT_K`` K-ranges with elementwise products
+# and ``tl.sum`` and writes a float32 partial; the wrapper sums the partials in a fixed
+# order (deterministic, no atomics) and adds bias. The wrapper chooses ``SPLIT_K``
+# (``_split_k``) so that there are enough programs to fill the GPU even when N is small;
+# each K-range is a whole number of groups.
 @triton.autotune(
     configs=dequant_gemv_configs(), key=["N", "K", "K_PER_SPLIT", "BITS", "GROUP_SIZE"]
 )
@@ -322,7 +275,14 @@ def dequant_linear_triton_impl(
     group_size: int,
     path: str = "auto",
 ) -> torch.Tensor:
-    """Triton ``weight_only_reference.dequant_linear``; ``path`` in {"auto", "gemm", "gemv"}."""
+    """Triton ``weight_only_reference.dequant_linear``.
+
+    ``x [..., K]`` fp16 / bf16 / fp32; ``packed`` int32 ``[N, ceil(K*bits/32)]`` from
+    ``packing.pack``; ``scales``, ``zeros`` ``[N, K // group_size]`` (any float dtype,
+    read as float32); ``bias [N]`` or None. Returns ``[..., N]`` in ``x.dtype``. ``path``:
+    ``"gemm"`` (tiled ``tl.dot``), ``"gemv"`` (split-K reduction, decode) or ``"auto"``
+    (``"gemv"`` when M <= ``GEMV_MAX_M``).
+    """
     _check_args(x, packed, scales, zeros, bias, bits, group_size)
     _require_triton(x.device)
     K = x.shape[-1]
@@ -347,11 +307,7 @@ def dequant_linear_triton_impl(
             # bits (triton 3.9); there the bf16 tiles are upcast to float32 first.
             bf16_upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu"
             out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-
-            def grid(meta):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-            _dequant_gemm_kernel[grid](
+            _dequant_gemm_kernel[gemm_grid(M, N)](
                 x2,
                 p,
                 s,

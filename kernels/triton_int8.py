@@ -1,48 +1,30 @@
-"""Triton kernels for the int8 path: per-token activation quantization and an
-int8 x int8 -> int32 GEMM with a fused dequantization epilogue.
+"""Triton kernels for the int8 path: per-token activation quantization
+(``lowbit::quantize_rows_triton``) and an int8 x int8 -> int32 GEMM with a fused
+dequantization epilogue (``lowbit::int8_linear_triton``), custom ops with the signatures
+of the generic ops in ``ops.py``; also the availability checks of every Triton module.
 
-``_quantize_rows_kernel``
-    One program per row. Pass 1 walks the row in ``BLOCK_K`` chunks and
-    reduces ``max |x|`` over the inlier columns; pass 2 walks it again and
-    writes ``q = clamp(round_half_even(x * inv), -127, 127)`` (0 on outlier
-    columns) plus ``scale = absmax / 127``. Bit-exact against
-    ``reference.quantize_rows``; see the comments in the kernel for how.
-
-``_int8_gemm_kernel``
-    Tiled ``q[M, K] @ w_q[N, K]^T`` with ``tl.dot`` accumulating in int32,
-    grouped program order for L2 reuse, masked loads/stores for ragged shapes.
-    The epilogue computes, in float32 and in the reference's order,
-    ``acc * x_scale[m] * w_scale[n] (+ bias[n]) (+ addend[m, n])`` and casts to
-    the output dtype. With ``DEQUANT=False`` it stores the raw int32
-    accumulator instead (used by ``int8_matmul_int32_triton`` and the tests).
-
-Both are exposed as ``torch.library`` custom ops with the same signatures as
-the generic ops in ``ops.py``: ``lowbit::quantize_rows_triton`` and
-``lowbit::int8_linear_triton``.
-
+Invariant: the quantization is bit-exact against ``reference.quantize_rows``; the GEMM's
+int32 accumulator is exact and its epilogue runs ``reference.int8_linear``'s float32
+operations in the same order.
 Without a GPU the kernels run only under the Triton interpreter, which needs
-``TRITON_INTERPRET=1`` in the environment before ``triton`` (and this module)
-is imported; ``triton_available`` reports whether they can run.
+``TRITON_INTERPRET=1`` in the environment before ``triton`` (and this module) is imported;
+``triton_available`` reports whether they can run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference as ref
+from .triton_common import _interpret_env, gemm_configs, gemm_grid, grouped_tile
 
 # --------------------------------------------------------------------------- #
 # Availability
 # --------------------------------------------------------------------------- #
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels_interpreted() -> bool:
@@ -115,6 +97,12 @@ def _round_half_even(y):
     return tl.where(up, r + 1.0, r)
 
 
+# ``_quantize_rows_kernel``
+# One program per row. Pass 1 walks the row in ``BLOCK_K`` chunks and
+# reduces ``max |x|`` over the inlier columns; pass 2 walks it again and
+# writes ``q = clamp(round_half_even(x * inv), -127, 127)`` (0 on outlier
+# columns) plus ``scale = absmax / 127``. Bit-exact against
+# ``reference.quantize_rows``; see the comments in the kernel for how.
 @triton.jit
 def _quantize_rows_kernel(
     # pointers
@@ -215,10 +203,6 @@ def quantize_rows_triton_impl(
 
 def int8_gemm_configs() -> list[triton.Config]:
     """Autotune configs for ``_int8_gemm_kernel`` (one small config under the interpreter)."""
-    if _interpret_env():
-        return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)
-        ]
     cfg = [
         # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)
         (128, 256, 128, 8, 3, 8),
@@ -231,14 +215,7 @@ def int8_gemm_configs() -> list[triton.Config]:
         (16, 64, 128, 8, 4, 4),  # decode (small M)
         (16, 128, 128, 8, 4, 4),
     ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-            num_stages=s,
-            num_warps=w,
-        )
-        for bm, bn, bk, g, s, w in cfg
-    ]
+    return gemm_configs(cfg, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
 
 
 @triton.jit
@@ -251,6 +228,13 @@ def _round_to_bf16_grid(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
+# ``_int8_gemm_kernel``
+# Tiled ``q[M, K] @ w_q[N, K]^T`` with ``tl.dot`` accumulating in int32,
+# grouped program order for L2 reuse, masked loads/stores for ragged shapes.
+# The epilogue computes, in float32 and in the reference's order,
+# ``acc * x_scale[m] * w_scale[n] (+ bias[n]) (+ addend[m, n])`` and casts to
+# the output dtype. With ``DEQUANT=False`` it stores the raw int32
+# accumulator instead (used by ``int8_matmul_int32_triton`` and the tests).
 @triton.autotune(configs=int8_gemm_configs(), key=["M", "N", "K"])
 @triton.jit
 def _int8_gemm_kernel(
@@ -284,22 +268,7 @@ def _int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row-blocks share the same column-blocks of B
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, offs_k, m_ok, n_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     # A tile [BLOCK_M, BLOCK_K]; B tile [BLOCK_K, BLOCK_N] read from w_q[N, K]
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
@@ -342,11 +311,8 @@ def _launch_gemm(q2, w_q, out, x_scale, w_scale, bias, addend, dequant: bool) ->
     dummy = out
     d = addend if addend is not None else dummy
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     with _device_ctx(q2.device):
-        _int8_gemm_kernel[grid](
+        _int8_gemm_kernel[gemm_grid(M, N)](
             q2,
             w_q,
             out,
@@ -421,10 +387,7 @@ def quantize_rows_triton(
 
 @quantize_rows_triton.register_fake
 def _(x, inlier_mask):
-    return (
-        torch.empty(x.shape, dtype=torch.int8, device=x.device),
-        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
-    )
+    return ref.empty_quantized_rows(x)
 
 
 @torch.library.custom_op("lowbit::int8_linear_triton", mutates_args=())
@@ -443,4 +406,4 @@ def int8_linear_triton(
 
 @int8_linear_triton.register_fake
 def _(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
-    return torch.empty((*q.shape[:-1], w_q.shape[0]), dtype=out_dtype, device=q.device)
+    return ref.empty_linear_out(q, w_q, out_dtype)

@@ -1,71 +1,14 @@
-"""Triton kernels for the low-bit weight-activation recipes (W4A4, W6A6, W4A8).
+"""Triton kernels for the low-bit weight-activation recipes (W4A4, W6A6, W4A8): the fused
+online transform + per-token quantization (``lowbit::rotate_quantize_rows_bits_triton``)
+and the W4A4 GEMM on packed int4 operands (``lowbit::int4_linear_triton``); fake
+implementations for tracing are registered beside them.
 
-``_rotate_quantize_kernel`` — fused online transform + per-token quantization
-    Computes, for a tile of ``BLOCK_M`` rows (tokens), ``Z = X @ B1 @ P @ B2`` (the
-    contract of ``lowbit_act.block_rotate``: block-diagonal ``B1`` with an optional
-    remainder block, an optional channel gather ``P``, an optional second
-    block-diagonal stage ``B2`` on the same partition) and quantizes ``Z`` per row
-    exactly as ``lowbit_act.quantize_rows_bits`` does: ``absmax = max|z|`` clamped
-    by ``EPS``, ``q = clamp(round_half_even(z * (qmax / absmax)), -qmax, qmax)``,
-    ``scale = absmax / qmax``. It writes int8 codes (for ``bits <= 4`` optionally
-    packed two per byte, ``lowbit_act.pack_int4``'s layout) and the row scale; the
-    float ``Z`` never reaches memory. The kernel walks the output blocks twice:
-    sweep 1 computes each block of ``Z`` and keeps only the running row max, sweep 2
-    recomputes the block and stores its codes. HBM traffic is one read of the ``X``
-    tile (the second sweep re-reads it from cache), the small transform operands,
-    and one write of the codes and scales — at the price of computing the
-    transform twice (``4 K b`` multiply-adds per row for block size ``b``).
-
-    Per output block ``j`` (channels ``[j b, j b + b)``):
-      * stage 1 without a permutation: ``x[:, block j] @ B1_j`` (``tl.dot``);
-      * stage 1 with a permutation: output channel ``c`` reads stage-1 channel
-        ``p = perm[c]``, i.e. ``sum_t x[:, src(c) + t] * B1_{p // b}[t, p % b]`` with
-        ``src(c) = (p // b) b``: a gathered multiply-reduce over ``[BLOCK_M, BT, BP]``
-        chunks (the channels of one output block come from many input blocks, so
-        there is no single tile to feed ``tl.dot``);
-      * stage 2: ``y_j @ B2_j`` (``tl.dot``).
-    Both stages use :func:`prepare_rotation`'s operands (``w1 [K, BP]``: column
-    ``perm[c]`` of its ``B1`` block for every output channel ``c``; ``src [K]``;
-    ``w2 [NBLK, BP, BP]``: ``B2``'s blocks zero-padded to ``BP = next_pow2(b)``),
-    built once at lowering time. Each stage's result is rounded to the activation
-    dtype, as the reference computes each matmul in that dtype. Without a
-    transform the kernel is plain per-token quantization (the ``-rtn`` recipes).
-
-    Numerics: integer codes and scales are bit-exact against the reference
-    (``block_rotate`` then ``quantize_rows_bits``) whenever the transform's sums are
-    computed exactly (tested with small-integer data). Otherwise the kernel sums
-    in its own order (and without FMA contraction), so ``Z`` may differ from the
-    reference's in the last float bits: the scale then agrees to a few float32 ulps
-    and a code may differ by 1 where the reference value lies within that rounding
-    of a rounding boundary (``k + 1/2``) — tested with that tolerance.
-
-``_int4_gemm_kernel`` — W4A4 GEMM on packed int4 operands
-    ``q[M, K] @ w[N, K]^T`` where both operands are ``pack_int4`` bytes ``[., W]``,
-    ``W = ceil(K / 2)``. A ``[BLOCK_K]``-byte tile of each operand is unpacked in
-    registers into its low nibbles (even ``k``) and high nibbles (odd ``k``); since
-    both operands share the layout, ``acc += dot(a_lo, b_lo) + dot(a_hi, b_hi)``
-    over int8 tiles with int32 accumulation, which is exact. The padding nibble of
-    an odd ``K`` is 0 on both sides, so odd ``K`` needs no special case. Epilogue
-    (``reference.int8_linear``'s order): ``acc * x_scale[m] * w_scale[n] (+ bias[n])``
-    in float32 (float64 for a float64 output), cast to the output dtype; masked for
-    ragged ``M``, ``N`` and ``W``. Grouped program order, autotuned tile sizes
-    (:func:`int4_gemm_configs`; one small config under the interpreter).
-
-Custom ops (fake implementations for tracing are registered beside them):
-``lowbit::rotate_quantize_rows_bits_triton(x, w1, src, w2, block, bits, pack)`` and
-``lowbit::int4_linear_triton(q_packed, x_scale, w_packed, w_scale, bias, out_dtype)``.
-References: ``lowbit_act.rotate_quantize_rows_bits`` and ``lowbit_act.int4_linear``.
-``lowering/lower.py`` builds the operands and rewrites the graph on target "triton".
-
-Caveats: developed and tested only under the Triton interpreter (no GPU here); the
-GPU compile path is unexercised and the configs are untuned guesses. The transform
-is computed in float32 with ``input_precision="ieee"`` dots, also for fp16 / bf16
-activations (a tuned kernel would run those on tensor cores). Blocks larger than
-:data:`MAX_FUSED_BLOCK` (e.g. the Hadamard recipe's one ``K x K`` block) are not
-fused: their ``[BP, BP]`` tile would not fit on chip; the lowering then keeps
-``block_rotate`` and quantizes its output with this kernel without a transform.
-When ``pack`` is asked with an odd block size and several blocks, a byte would
-straddle two blocks: the kernel writes unpacked codes and the wrapper packs them.
+Invariant: integer codes and GEMM results equal the references
+(``lowbit_reference.rotate_quantize_rows_bits``, ``lowbit_reference.int4_linear``) bit
+for bit where the transform's sums are exact, else within the float rounding stated at
+each kernel. ``lowering/fuse_triton.py`` builds the operands once and rewrites the graph
+on target "triton". Developed and tested only under the Triton interpreter (no GPU here):
+the GPU compile path is unexercised and the configs are untuned guesses.
 """
 
 from __future__ import annotations
@@ -77,16 +20,15 @@ import triton
 import triton.language as tl
 
 from . import lowbit_act
+from .packing import pack_int4
 from .reference import EPS
-from .triton_int8 import (
-    _device_ctx,
-    _interpret_env,
-    _require_triton,
-    _round_half_even,
-    _round_to_bf16_grid,
-)
+from .triton_common import _interpret_env, gemm_configs, gemm_grid, grouped_tile
+from .triton_int8 import _device_ctx, _require_triton, _round_half_even, _round_to_bf16_grid
 
-#: largest block size (channels) the fused transform keeps on chip
+#: largest block size (channels) the fused transform keeps on chip. Larger blocks (e.g. the
+#: Hadamard recipe's one ``K x K`` block) are not fused: their ``[BP, BP]`` tile would not
+#: fit on chip; the lowering then keeps ``block_rotate`` and quantizes its output with the
+#: fused kernel without a transform.
 MAX_FUSED_BLOCK = 128
 #: rows per program of the fused kernel (``tl.dot`` needs at least 16)
 ROWS_PER_PROGRAM = 16
@@ -272,6 +214,46 @@ def _transform_block(
     return y
 
 
+# ``_rotate_quantize_kernel`` — fused online transform + per-token quantization
+# Computes, for a tile of ``BLOCK_M`` rows (tokens), ``Z = X @ B1 @ P @ B2`` (the
+# contract of ``lowbit_act.block_rotate``: block-diagonal ``B1`` with an optional
+# remainder block, an optional channel gather ``P``, an optional second
+# block-diagonal stage ``B2`` on the same partition) and quantizes ``Z`` per row
+# exactly as ``lowbit_act.quantize_rows_bits`` does: ``absmax = max|z|`` clamped
+# by ``EPS``, ``q = clamp(round_half_even(z * (qmax / absmax)), -qmax, qmax)``,
+# ``scale = absmax / qmax``. It writes int8 codes (for ``bits <= 4`` optionally
+# packed two per byte, ``packing.pack_int4``'s layout) and the row scale; the
+# float ``Z`` never reaches memory. The kernel walks the output blocks twice:
+# sweep 1 computes each block of ``Z`` and keeps only the running row max, sweep 2
+# recomputes the block and stores its codes. HBM traffic is one read of the ``X``
+# tile (the second sweep re-reads it from cache), the small transform operands,
+# and one write of the codes and scales — at the price of computing the
+# transform twice (``4 K b`` multiply-adds per row for block size ``b``).
+#
+# Per output block ``j`` (channels ``[j b, j b + b)``):
+#   * stage 1 without a permutation: ``x[:, block j] @ B1_j`` (``tl.dot``);
+#   * stage 1 with a permutation: output channel ``c`` reads stage-1 channel
+#     ``p = perm[c]``, i.e. ``sum_t x[:, src(c) + t] * B1_{p // b}[t, p % b]`` with
+#     ``src(c) = (p // b) b``: a gathered multiply-reduce over ``[BLOCK_M, BT, BP]``
+#     chunks (the channels of one output block come from many input blocks, so
+#     there is no single tile to feed ``tl.dot``);
+#   * stage 2: ``y_j @ B2_j`` (``tl.dot``).
+# Both stages use :func:`prepare_rotation`'s operands (``w1 [K, BP]``: column
+# ``perm[c]`` of its ``B1`` block for every output channel ``c``; ``src [K]``;
+# ``w2 [NBLK, BP, BP]``: ``B2``'s blocks zero-padded to ``BP = next_pow2(b)``),
+# built once at lowering time. Each stage's result is rounded to the activation
+# dtype, as the reference computes each matmul in that dtype. Without a
+# transform the kernel is plain per-token quantization (the ``-rtn`` recipes).
+#
+# Numerics: integer codes and scales are bit-exact against the reference
+# (``block_rotate`` then ``quantize_rows_bits``) whenever the transform's sums are
+# computed exactly (tested with small-integer data). Otherwise the kernel sums
+# in its own order (and without FMA contraction), so ``Z`` may differ from the
+# reference's in the last float bits: the scale then agrees to a few float32 ulps
+# and a code may differ by 1 where the reference value lies within that rounding
+# of a rounding boundary (``k + 1/2``) — tested with that tolerance.
+# The transform is computed in float32 with ``input_precision="ieee"`` dots, also for
+# fp16 / bf16 activations (a tuned kernel would run those on tensor cores).
 @triton.jit
 def _rotate_quantize_kernel(
     # pointers
@@ -360,7 +342,7 @@ def rotate_quantize_rows_bits_triton_impl(
     pack: bool,
     block_t: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``lowbit_act.rotate_quantize_rows_bits`` on :func:`prepare_rotation` operands.
+    """Triton ``lowbit_reference.rotate_quantize_rows_bits`` on :func:`prepare_rotation` operands.
 
     ``x [..., K]`` fp32 / fp16 / bf16; ``w1`` None means no transform (then ``src``,
     ``w2`` must be None and ``block`` is ignored). Returns ``(q, scale)``: ``q`` int8
@@ -430,8 +412,10 @@ def rotate_quantize_rows_bits_triton_impl(
                 num_warps=4 if bp <= 64 else 8,
                 enable_fp_fusion=False,
             )
-    if pack and not in_kernel_pack:  # odd blocks: a byte would straddle two blocks
-        q = lowbit_act.pack_int4(q)
+    # pack with an odd block size and several blocks: a byte would straddle two blocks, so
+    # the kernel wrote unpacked codes and they are packed here
+    if pack and not in_kernel_pack:
+        q = pack_int4(q)
     return q.reshape(*lead, q.shape[-1]), scale.reshape(*lead, 1)
 
 
@@ -465,10 +449,6 @@ def rotate_quantize_rows_bits_triton_from_blocks(
 
 def int4_gemm_configs() -> list[triton.Config]:
     """Autotune configs for ``_int4_gemm_kernel`` (BLOCK_K counts packed bytes: 2 values each)."""
-    if _interpret_env():
-        return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)
-        ]
     cfg = [
         # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)
         (128, 256, 64, 8, 3, 8),
@@ -481,14 +461,7 @@ def int4_gemm_configs() -> list[triton.Config]:
         (16, 64, 64, 8, 4, 4),  # decode (small M)
         (16, 128, 128, 8, 4, 4),
     ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-            num_stages=s,
-            num_warps=w,
-        )
-        for bm, bn, bk, g, s, w in cfg
-    ]
+    return gemm_configs(cfg, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
 
 
 @triton.jit
@@ -498,6 +471,17 @@ def _unpack_nibbles(v):
     return ((v << 28) >> 28).to(tl.int8), (v >> 4).to(tl.int8)
 
 
+# ``_int4_gemm_kernel`` — W4A4 GEMM on packed int4 operands
+# ``q[M, K] @ w[N, K]^T`` where both operands are ``pack_int4`` bytes ``[., W]``,
+# ``W = ceil(K / 2)``. A ``[BLOCK_K]``-byte tile of each operand is unpacked in
+# registers into its low nibbles (even ``k``) and high nibbles (odd ``k``); since
+# both operands share the layout, ``acc += dot(a_lo, b_lo) + dot(a_hi, b_hi)``
+# over int8 tiles with int32 accumulation, which is exact. The padding nibble of
+# an odd ``K`` is 0 on both sides, so odd ``K`` needs no special case. Epilogue
+# (``reference.int8_linear``'s order): ``acc * x_scale[m] * w_scale[n] (+ bias[n])``
+# in float32 (float64 for a float64 output), cast to the output dtype; masked for
+# ragged ``M``, ``N`` and ``W``. Grouped program order, autotuned tile sizes
+# (:func:`int4_gemm_configs`; one small config under the interpreter).
 @triton.autotune(configs=int4_gemm_configs(), key=["M", "N", "KP"])
 @triton.jit
 def _int4_gemm_kernel(
@@ -528,22 +512,7 @@ def _int4_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row-blocks share the same column-blocks of B
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, offs_k, m_ok, n_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
 
@@ -599,11 +568,8 @@ def _launch_int4_gemm(a, b, out, x_scale, w_scale, bias, dequant: bool) -> None:
         return
     dummy = out
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     with _device_ctx(a.device):
-        _int4_gemm_kernel[grid](
+        _int4_gemm_kernel[gemm_grid(M, N)](
             a,
             b,
             out,
@@ -644,7 +610,7 @@ def int4_linear_triton_impl(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Triton ``lowbit_act.int4_linear``."""
+    """Triton ``lowbit_reference.int4_linear``."""
     _check_packed(q_packed, w_packed)
     _require_triton(q_packed.device)
     KP = q_packed.shape[-1]
@@ -676,7 +642,7 @@ def rotate_quantize_rows_bits_triton(
     pack: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused online transform + per-token ``bits``-bit quantization (Triton); see
-    :func:`rotate_quantize_rows_bits_triton_impl` and ``lowbit_act.rotate_quantize_rows_bits``."""
+    :func:`rotate_quantize_rows_bits_triton_impl` and ``lowbit_reference.rotate_quantize_rows_bits``."""
     return rotate_quantize_rows_bits_triton_impl(x, w1, src, w2, block, bits, pack)
 
 
@@ -701,7 +667,7 @@ def int4_linear_triton(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """W4A4 GEMM on packed int4 operands (Triton); see ``lowbit_act.int4_linear``."""
+    """W4A4 GEMM on packed int4 operands (Triton); see ``lowbit_reference.int4_linear``."""
     return int4_linear_triton_impl(q_packed, x_scale, w_packed, w_scale, bias, out_dtype)
 
 

@@ -72,10 +72,6 @@ def _check(bits: int, group_size: int, k: int) -> None:
         raise ValueError(f"group_size {group_size} must be positive and divide K={k}")
 
 
-def _expand(p: torch.Tensor, group_size: int) -> torch.Tensor:
-    return p.repeat_interleave(group_size, dim=1)
-
-
 def _round_up_to(s64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast float64 ``s64`` to ``dtype`` rounding toward +inf."""
     s = s64.to(dtype)

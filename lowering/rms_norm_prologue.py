@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.passes.fusion_analysis import MUL_TARGETS
+from qcompile.graph_utils import constant_of, is_mul, vector_factor
 
 _RSQRT = (torch.rsqrt,)
 
@@ -42,20 +42,18 @@ class NormInput:
 
 def match(x: fx.Node, gm: fx.GraphModule) -> NormInput | None:
     """The RMSNorm producing ``x``, or None."""
-    if not _is_mul(x) or len(x.users) != 1:
+    if not is_mul(x) or len(x.users) != 1:
         return None
-    gamma_node, y = _constant_and_other(x, gm)
-    if gamma_node is None:
+    factor = vector_factor(x, _last_dim(x), constant_of(gm))
+    if factor is None or not factor[1].is_floating_point():
         return None
-    gamma = getattr(gm, gamma_node.target)
-    k = _last_dim(x)
-    if gamma.dim() != 1 or gamma.numel() != k or not gamma.is_floating_point():
-        return None
+    (i, gamma), k = factor, _last_dim(x)
+    y = x.args[1 - i]
     chain = [x]
     while _is_cast(y) and len(y.users) == 1:
         chain.append(y)
         y = y.args[0]
-    if not _is_mul(y) or len(y.users) != 1:
+    if not is_mul(y) or len(y.users) != 1:
         return None
     chain.append(y)
     a, b = y.args
@@ -94,16 +92,6 @@ def rescale(gm: fx.GraphModule, qn: fx.Node, norm: NormInput) -> None:
         graph.erase_node(item)
 
 
-def _is_mul(n) -> bool:
-    return (
-        isinstance(n, fx.Node)
-        and n.op in ("call_function", "call_method")
-        and n.target in MUL_TARGETS
-        and len(n.args) == 2
-        and not n.kwargs
-    )
-
-
 def _is_cast(n) -> bool:
     return (
         isinstance(n, fx.Node)
@@ -133,12 +121,3 @@ def _is_float(n) -> bool:
 def _last_dim(n) -> int | None:
     val = n.meta.get("example_value") if isinstance(n, fx.Node) else None
     return val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() else None
-
-
-def _constant_and_other(x: fx.Node, gm: fx.GraphModule):
-    a, b = x.args
-    for const, other in ((a, b), (b, a)):
-        if isinstance(const, fx.Node) and const.op == "get_attr" and isinstance(other, fx.Node):
-            if isinstance(getattr(gm, const.target, None), torch.Tensor):
-                return const, other
-    return None, None

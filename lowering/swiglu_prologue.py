@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.passes.fusion_analysis import MUL_TARGETS
-
-_SILU = (torch.nn.functional.silu,)
+from qcompile.graph_utils import MUL_TARGETS, SILU_TARGETS
 
 
 @dataclass
@@ -82,7 +80,7 @@ def _single_use_call(n, targets) -> bool:
 
 def _is_silu(n) -> bool:
     return (
-        _single_use_call(n, _SILU)
+        _single_use_call(n, SILU_TARGETS)
         and len(n.args) == 1
         and not n.kwargs.get("inplace", False)
         and set(n.kwargs) <= {"inplace"}

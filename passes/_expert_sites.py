@@ -11,7 +11,7 @@ is the running count of rows per expert. Each such product becomes, per expert `
     y = lowbit::expert_concat([y_0, ...], x)
 
 which computes exactly what the grouped product did (rows past ``offs[-1]`` are zero).
-The ``W[e]`` nodes carry ``meta["lowbit.expert"] = e`` and ``"lowbit.weight_view"``,
+The ``W[e]`` nodes carry ``meta[EXPERT] = e`` and ``"lowbit.weight_view"``,
 so ``bind`` makes each expert a site named ``<parameter FQN>[e]`` and the pipeline drops
 the views once the sites are quantized. The router (the linear whose output decides
 ``offs``) is found from ``offs``: ``routers``.
@@ -24,6 +24,7 @@ import operator
 import torch
 from torch import fx
 
+from qcompile.graph_utils import EXPERT, WEIGHT_VIEW
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.passes._matmul_sites import target_name
 
@@ -49,11 +50,11 @@ def split_grouped_products(gm: fx.GraphModule, params: dict[str, torch.Tensor]) 
             for e in range(params[placeholder.name].shape[0]):
                 rows = gm.graph.call_function(torch.ops.lowbit.expert_rows.default, (x, offs, e))
                 weight = gm.graph.call_function(operator.getitem, (placeholder, e))
-                weight.meta["lowbit.weight_view"] = "expert"
-                weight.meta["lowbit.expert"] = e
+                weight.meta[WEIGHT_VIEW] = "expert"
+                weight.meta[EXPERT] = e
                 if not transposed:  # [E, in, out]: the expert's [out, in] view
                     weight = gm.graph.call_function(torch.t, (weight,))
-                    weight.meta["lowbit.weight_view"] = "t"
+                    weight.meta[WEIGHT_VIEW] = "t"
                 linear = gm.graph.call_function(torch.nn.functional.linear, (rows, weight, None))
                 linear.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
                 parts.append(linear)

@@ -2,11 +2,11 @@
 
 A site's folded weight lives in three places kept in step:
 
-* ``node.meta["lowbit.weight_f64"]``: the float64 master every later fold starts from,
+* ``node.meta[WEIGHT_F64]``: the float64 master every later fold starts from,
   so a weight folded several times (smoothing, a permutation of its output rows, a
   rotation of its input) is cast to its dtype once, from float64;
 * a buffer of the graph module (``add_constant``) in the weight's dtype, which the
-  linear node reads (its ``args[1]``) and ``node.meta["lowbit.weight_node"]`` names, as
+  linear node reads (its ``args[1]``) and ``node.meta[WEIGHT_NODE]`` names, as
   ``split_mixed_mm`` does (the quantizing passes read it and drop it once replaced);
 * ``site.weight``: the same cast tensor, so the quantizing passes and the report see
   the weight the node computes with.
@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.context import LinearSite, add_constant
+from qcompile.context import LinearSite
+from qcompile.graph_utils import BIAS_F64, WEIGHT_F64, WEIGHT_NODE, add_constant, drop_constant
 
 DTYPE = torch.float64
 
@@ -33,26 +34,26 @@ def weight_f64(site: LinearSite) -> torch.Tensor:
             f"lowbit internal error: {site.fqn} reuses stored products; nothing may be "
             "folded into its weight"
         )
-    w = site.node.meta.get("lowbit.weight_f64")
+    w = site.node.meta.get(WEIGHT_F64)
     return w if w is not None else site.weight.detach().to(DTYPE)
 
 
 def set_weight(gm: fx.GraphModule, site: LinearSite, w: torch.Tensor) -> None:
     """Make ``w`` (float64 ``[N, K]``) the weight the site's linear node computes with."""
     node = site.node
-    old = node.meta.get("lowbit.weight_node")
+    old = node.meta.get(WEIGHT_NODE)
     value = w.to(site.weight.dtype)
     const = add_constant(gm, f"lowbit_{site.fqn}_folded", value, node)
     node.args = (node.args[0], const, *node.args[2:])
-    node.meta["lowbit.weight_node"] = const
-    node.meta["lowbit.weight_f64"] = w
+    node.meta[WEIGHT_NODE] = const
+    node.meta[WEIGHT_F64] = w
     site.weight = getattr(gm, const.target)
     if old is not None and not old.users:
         drop_constant(gm, old)
 
 
 def bias_f64(site: LinearSite) -> torch.Tensor | None:
-    b = site.node.meta.get("lowbit.bias_f64")
+    b = site.node.meta.get(BIAS_F64)
     if b is not None:
         return b
     return None if site.bias is None else site.bias.detach().to(DTYPE)
@@ -65,7 +66,7 @@ def set_bias(gm: fx.GraphModule, site: LinearSite, b: torch.Tensor) -> None:
     value = b.to(site.bias.dtype)
     const = add_constant(gm, f"lowbit_{site.fqn}_bias_folded", value, node)
     node.args = (node.args[0], node.args[1], const)
-    node.meta["lowbit.bias_f64"] = b
+    node.meta[BIAS_F64] = b
     site.bias = getattr(gm, const.target)
     if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
         drop_constant(gm, old)
@@ -96,20 +97,3 @@ def fold_output_rows(
         set_weight(gm, site, w)
     if b is not None:
         set_bias(gm, site, b)
-
-
-def drop_constant(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Remove an unused ``get_attr`` constant node and its buffer."""
-    name = node.target
-    gm.graph.erase_node(node)
-    if hasattr(gm, name):
-        delattr(gm, name)
-    if getattr(gm, "_param_name_to_source", None):
-        gm._param_name_to_source.pop(name, None)
-
-
-def param_tensor(node: fx.Node) -> torch.Tensor | None:
-    """The real tensor behind a lifted-parameter placeholder (``meta['grapharg']``)."""
-    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
-    example = getattr(grapharg, "example", None)
-    return example if isinstance(example, torch.Tensor) else None

@@ -4,7 +4,7 @@ A product ``x @ W`` whose right operand is a 2-D parameter, directly (stored ``[
 GPT-2's ``Conv1D``: ``addmm(b, x, W)``) or transposed (stored ``[out, in]``, Falcon's
 ``x @ W.T``), in any of ``addmm`` / ``mm`` / ``matmul`` / ``@`` / ``Tensor.matmul``,
 becomes ``linear(x, weight, bias)``: ``weight`` is the parameter's placeholder itself
-(``[out, in]``) or a ``torch.t`` view of it (``meta["lowbit.weight_view"]``; the pipeline
+(``[out, in]``) or a ``torch.t`` view of it (``meta[WEIGHT_VIEW]``; the pipeline
 drops the view once the site is quantized). A bias that is not a 1-D parameter stays an
 add after the linear. The rewrite computes exactly what the product did.
 
@@ -20,6 +20,8 @@ import operator
 
 import torch
 from torch import fx
+
+from qcompile.graph_utils import WEIGHT_VIEW
 
 PRODUCTS_FN = (torch.addmm, torch.mm, torch.matmul, operator.matmul)
 PRODUCTS_METHOD = ("matmul", "mm", "__matmul__")
@@ -148,7 +150,7 @@ def _rewrite(gm, node, x, w, placeholder, transposed, bias, params) -> None:
             weight = placeholder
         else:  # x @ W with W [in, out]: a view in the linear layout
             weight = graph.call_function(torch.t, (placeholder,))
-            weight.meta["lowbit.weight_view"] = "t"
+            weight.meta[WEIGHT_VIEW] = "t"
         linear = graph.call_function(
             torch.nn.functional.linear, (x, weight, bias if bias_is_param else None)
         )
@@ -168,7 +170,7 @@ def drop_dead_weight_views(gm: fx.GraphModule) -> int:
     linear was replaced."""
     dead = 0
     for n in reversed(gm.graph.nodes):  # a view's view first
-        if "lowbit.weight_view" in n.meta and not n.users:
+        if WEIGHT_VIEW in n.meta and not n.users:
             gm.graph.erase_node(n)
             dead += 1
     return dead

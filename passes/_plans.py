@@ -1,62 +1,38 @@
-"""Stored transform plans (not a pass): what smooth / rotate / quantize_lowbit reuse.
+"""Transform plans' reuse (not a pass): what smooth / rotate / quantize_lowbit may reuse.
 
-The DuQuant-family recipes (``artifacts.low_bit``) fold exact transforms into
-weights, so a site's products depend on more than its own weight. What depends on
-what, per input group ``g`` (``fusion_analysis.InputGroup``) and the groups ``h``
-that fold into a producer's output rows (``rows``: ``1 / s`` on up_proj; ``P0`` on
-gate/up_proj):
+The ``low-bit`` recipes with a transform fold exact transforms into weights, so a
+site's products depend on more than its own weight. Per input group ``g``
+(``fusion_analysis.InputGroup``) and the groups ``h`` folding into a producer's output
+rows (``1 / s`` on up_proj; ``P0`` on gate/up_proj):
 
-* the plan of ``g`` (smoothing scales ``s_g``, the online ``block_rotate`` operands,
-  ``P0``): the calibration (its absmax and sample), every member's weight (``s_g``),
-  the options, the group's structure;
-* a member's folded weight, hence its low-bit products: its weight, the plan of ``g``
-  and the plans of every ``h``; a folded RMSNorm weight: the norm and the plan of ``g``.
+* the plan of ``g`` (smoothing scales, the online ``block_rotate`` operands, ``P0``)
+  depends on the calibration, every member's weight, the options, the group's shape;
+* a member's folded weight, hence its products, on its weight and the plans of ``g``
+  and of every ``h``; a folded RMSNorm weight on the norm and the plan of ``g``.
 
-Everything is stored in ``qcompile.artifacts`` (``"plan"`` under every low-bit
-member's weight, ``"site"`` with ``meta["plan"]`` / ``meta["row_plans"]`` naming the
-plans by id, ``"folded"`` for norms and for linears that share a transformed input
-without being low-bit quantized). :func:`resolve` decides in ``fusion_analysis``,
-before anything is computed, per group (consumers first):
-
-* *must* reuse: a member's weight was released, or its products are pinned (loaded):
-  the stored plan is used and every member's stored products must match it (their
-  ``plan`` and ``row_plans`` ids); else ``ValueError`` (nothing is computed from a
-  released weight, and no calibration is needed);
-* *may* reuse (all weights present, ``verify`` off): the stored plan of every low-bit
-  member, built from the same ``SiteStats`` (with a sample) and the same member
-  weights, with every member's products matching it; else everything in the group is
-  recomputed (deterministically: the same inputs give the same plan).
-
-A reused group's members keep their weights (``site.keep_weight``: smooth / rotate
-fold nothing into them) and ``quantize_lowbit`` takes their stored ``w_q``/``w_scale``.
-A producer whose products do not match any more is recomputed: output-row folds need
-only the stored ``s`` and ``P0`` (float64 / int64), which the plan keeps. Biases folded
-into output rows are recomputed from the bias parameter (never released; saved in
-full precision) with the same float64 operations. A linear of another recipe (int8,
-weight-only, fp) that a plan folds into stores its folded weight (``"folded"``), and
-its own pass quantizes that again (so it needs statistics where its recipe does).
+Invariant: :func:`resolve` decides before anything is computed, and a group is reused
+whole or recomputed whole (storing and applying: ``passes/_plan_store.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx
 
 from qcompile import artifacts
-from qcompile.context import LinearSite, PassContext, add_constant
+from qcompile.context import LinearSite, PassContext
+from qcompile.graph_utils import INPUT_GROUP
 from qcompile.matmul_modules import OUT_IN
-from qcompile.recipes import get_recipe
+from qcompile.products import NO_GROUP
+from qcompile.recipes import LOW_BIT, get_recipe
 
 log = logging.getLogger("qcompile")
 
-ONLINE_ROLES = ("r1", "r1_tail", "perm", "r2", "r2_tail")  # block_rotate's operands, in order
-NO_GROUP = "-"  # row_plans / folded keys: the site reads an untransformed input
+# ONLINE_ROLES: block_rotate's operands, in order; NO_GROUP: a row_plans / folded key entry
+# for "the site reads an untransformed input" (both: qcompile.products)
 
 
 @dataclass
@@ -73,7 +49,7 @@ def holds_plan(site: LinearSite) -> bool:
     """A low-bit quantized site whose products are tracked (it stores its group's plan)."""
     return (
         site.skip_reason is None
-        and artifacts.low_bit(get_recipe(site.scheme))
+        and get_recipe(site.scheme).family == LOW_BIT
         and isinstance(site.param, torch.nn.Parameter)
     )
 
@@ -83,7 +59,7 @@ def involved(ctx: PassContext, site: LinearSite) -> bool:
     state = ctx.plans
     if state is None:
         return False
-    return id(site) in state.consumers or site.node.meta.get("lowbit.input_group") is not None
+    return id(site) in state.consumers or site.node.meta.get(INPUT_GROUP) is not None
 
 
 # keys ---------------------------------------------------------------------------------
@@ -152,8 +128,8 @@ def row_plan_ids(ctx: PassContext, site: LinearSite) -> list | None:
     return None if any(i is None for i in ids) else ids
 
 
-def _own_plan_id(site: LinearSite):
-    g = site.node.meta.get("lowbit.input_group")
+def own_plan_id(site: LinearSite):
+    g = site.node.meta.get(INPUT_GROUP)
     return NO_GROUP if g is None else g.plan_id
 
 
@@ -161,7 +137,25 @@ def _own_plan_id(site: LinearSite):
 
 
 def resolve(ctx: PassContext, groups: list) -> PlanState:
-    """Decide, per group, whether its stored plan and products are used (see module doc)."""
+    """Decide, per group (consumers first), whether its stored plan and products are used.
+
+    * *must* reuse: a member's weight was released, or its products are pinned
+      (loaded): the stored plan is used and every member's stored products must match
+      it (their ``plan`` and ``row_plans`` ids); else ``ValueError`` (nothing is
+      computed from a released weight, and no calibration is needed);
+    * *may* reuse (all weights present, ``verify`` off): the stored plan of every
+      low-bit member, built from the same ``SiteStats`` (with a sample) and the same
+      member weights, with every member's products matching it; else everything in the
+      group is recomputed (deterministically: the same inputs give the same plan).
+
+    A reused group's members keep their weights (``site.keep_weight``: smooth / rotate
+    fold nothing into them) and ``quantize_lowbit`` takes their stored products. A
+    producer whose products no longer match is recomputed: output-row folds need only
+    the stored ``s`` and ``P0`` (float64 / int64), which the plan keeps; biases folded
+    into output rows are recomputed from the bias parameter (never released) with the
+    same float64 operations. A linear of another recipe that a plan folds into stores
+    its folded weight (``"folded"``), and its own pass quantizes that again.
+    """
     state = PlanState(groups=list(groups))
     ctx.plans = state
     for h in groups:
@@ -324,178 +318,3 @@ def _plan_message(g, ctx, found, pool) -> str:
 
 
 # smooth -------------------------------------------------------------------------------
-
-
-def stored_smooth(g) -> torch.Tensor | None:
-    return g.stored.tensors.get("smooth") if g.stored is not None else None
-
-
-def folded_norm(g, param: torch.Tensor, fqn: str, s: torch.Tensor):
-    """The norm weight ``param / s`` of a stored plan: stored, or recomputed from the norm
-    (never released) and the stored float64 ``s``; None for a plan computed now."""
-    if g.stored is None:
-        return None
-    key = folded_key(param, "norm", [g.plan_id], param.dtype)
-    art = artifacts.find(param, key)
-    if art is not None and art.fingerprint == artifacts.fingerprint(param):
-        art.touch(fqn)
-        return art.tensors["value"]
-    value = (param.detach().to(torch.float64) / s).to(param.dtype)
-    artifacts.store_for(param, key, fqn, {"value": value}, {"plan": g.plan_id})
-    return value
-
-
-# rotate -------------------------------------------------------------------------------
-
-
-def stored_plan(g, plan_cls):
-    """The stored plan of ``g`` as a ``rotate.Plan`` whose operands are the graph's (in the
-    activation dtype, an online smoothing merged in), or None."""
-    if g.stored is None:
-        return None
-    t = g.stored.tensors
-    r2 = (t.get("r2"), t.get("r2_tail"))
-    return plan_cls(
-        r1=(t.get("r1"), t.get("r1_tail")),
-        pre_perm=t.get("pre_perm"),
-        perm=t.get("perm"),
-        r2=r2 if any(x is not None for x in r2) else None,
-        notes=list(g.stored.meta.get("notes", [])),
-    )
-
-
-def remember(gm: fx.GraphModule, ctx: PassContext, g, plan) -> None:
-    """After rotate applied ``plan`` to ``g``: store a plan computed now (under every
-    low-bit member's weight), or restore a stored one's report fields."""
-    if g.stored is not None:
-        meta = g.stored.meta
-        for site in g.sites:
-            site.transforms = list(meta.get("transforms", site.transforms))
-            site.act_absmax_before = meta.get("act_absmax_before")
-            site.act_absmax_after = meta.get("act_absmax_after")
-        return
-    holders = [s for s in g.sites if holds_plan(s)]
-    if not holders:
-        return
-    tensors = {}
-    for role, arg in zip(ONLINE_ROLES, g.input.args[1:]):
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            tensors[role] = getattr(gm, arg.target)
-    if plan.pre_perm is not None:
-        tensors["pre_perm"] = plan.pre_perm.to(torch.int64)
-    if g.smooth_scale is not None:
-        tensors["smooth"] = g.smooth_scale.to(torch.float64)
-    first = g.sites[0]
-    meta = {
-        "transform": g.transform,
-        "members": [s.fqn for s in g.sites],
-        "in_features": g.in_features,
-        "block_size": _block_size(tensors),
-        "notes": list(plan.notes),
-        "transforms": list(first.transforms),
-        "smooth_into": _describe_into(g, ctx),
-        "perm_into": [s.fqn for s in g.perm_into or []],
-        "online_reason": g.online_reason,
-        "act_absmax_before": first.act_absmax_before,
-        "act_absmax_after": first.act_absmax_after,
-    }
-    meta["id"] = plan_id(tensors, meta)
-    g.plan_id = meta["id"]
-    deps = plan_deps(g, ctx)
-    for s in holders:
-        artifacts.store_for(s.param, plan_key(g, ctx, s), s.fqn, tensors, meta, deps)
-    if g.norm_fold is not None:  # the norm weight divided by s, as the graph reads it
-        param, fqn, const = g.norm_fold
-        key = folded_key(param, "norm", [g.plan_id], param.dtype)
-        value = getattr(gm, const.target)
-        artifacts.store_for(param, key, fqn, {"value": value}, {"plan": g.plan_id})
-
-
-def _block_size(tensors: dict) -> int | None:
-    r1 = tensors.get("r1")
-    return int(r1.shape[1]) if r1 is not None else None
-
-
-def _describe_into(g, ctx: PassContext) -> str:
-    if g.scale_into is None:
-        return "online"
-    if g.scale_into[0] == "norm":
-        if g.norm_fold is not None:
-            return "norm:" + g.norm_fold[1]
-        mul, i = g.scale_into[1], g.scale_into[2]
-        return "norm:" + ctx.param_fqns.get(mul.args[i].name, mul.args[i].name)
-    return "rows:" + g.scale_into[1].fqn
-
-
-def plan_id(tensors: dict, meta: dict) -> str:
-    """A digest of a plan's tensors and description (equal plans, equal ids)."""
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
-    for role in sorted(tensors):
-        t = tensors[role].detach().cpu().contiguous()
-        h.update(f"\0{role}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def finish_rotate(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """Folded weights of the linears that are not low-bit quantized (an fp or int8 layer
-    sharing a transformed input, a producer): install the stored ones, store new ones."""
-    state = ctx.plans
-    if state is None:
-        return
-    for site in ctx.sites:
-        if holds_plan(site) or not involved(ctx, site) or site.skip_reason:
-            continue
-        art = state.folded.get(id(site))
-        if art is not None:
-            node = site.node
-            value = art.tensors["weight"]
-            const = add_constant(gm, f"lowbit_{site.fqn}_folded", value, node)
-            node.args = (node.args[0], const, *node.args[2:])
-            node.meta["lowbit.weight_node"] = const
-            site.weight = getattr(gm, const.target)
-            art.touch(site.fqn)
-            continue
-        if site.unfolded or not isinstance(site.param, torch.nn.Parameter):
-            continue
-        rows, own = row_plan_ids(ctx, site), _own_plan_id(site)
-        if rows is None or own is None:
-            continue
-        key = folded_key(
-            site.param, "weight", [own, *rows], site.weight.dtype, site.layout, site.expert
-        )
-        artifacts.store_for(site.param, key, site.fqn, {"weight": site.weight}, {})
-
-
-# quantize_lowbit ------------------------------------------------------------------------
-
-
-def site_products(site: LinearSite, ctx: PassContext):
-    """The stored products ``quantize_lowbit`` uses for ``site``, or None (compute)."""
-    if site.artifact is not None and involved(ctx, site):
-        return site.artifact  # matched its plans in resolve
-    if involved(ctx, site):
-        return None
-    art = site.artifact or artifacts.lookup(site, ctx)
-    if art is not None and (
-        art.meta.get("plan") not in (None, NO_GROUP) or art.meta.get("row_plans")
-    ):
-        if artifacts.is_freed(site.param) or site.artifact is not None:
-            raise ValueError(
-                f"lowbit: the stored products of {site.fqn} were built with transforms folded "
-                "into it that this compile does not apply (other recipes for the layers "
-                "around it); compile with the recipes and options it was quantized with"
-            )
-        return None
-    return art
-
-
-def store_site(site: LinearSite, ctx: PassContext, tensors: dict, meta: dict) -> None:
-    if not artifacts.tracked(site):
-        return
-    rows = row_plan_ids(ctx, site)
-    own = _own_plan_id(site)
-    if rows is None or own is None:
-        return  # a plan it depends on was not stored
-    meta = {**meta, "plan": None if own == NO_GROUP else own, "row_plans": rows}
-    artifacts.store_for(site.param, artifacts.site_key(site, ctx), site.fqn, tensors, meta)

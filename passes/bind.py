@@ -21,7 +21,7 @@ positional ``(input, weight, bias)`` arguments, which does not change what it co
   * a site whose weight is also an embedding table (tied lm_head) takes
     ``recipes.tied_embedding_recipe`` of the model-wide recipe unless an override
     names it (weight-only below 8 bits: 8 bits), noted in ``ctx.embeddings``;
-  * each linear node carries ``meta["lowbit.site"]`` = the site FQN (the weight
+  * each linear node carries ``meta[SITE]`` = the site FQN (the weight
     as the calling module names it: ``lm_head.weight`` even when tied);
   * ``ctx.dataflow`` is a networkx DiGraph over node names (edges producer ->
     user) with node attributes ``op``, ``target`` and, for sites, ``site``.
@@ -46,6 +46,7 @@ from qcompile.context import (
     frame_root,
     module_fqn_from_stack,
 )
+from qcompile.graph_utils import EXPERT, SITE, WEIGHT_VIEW
 from qcompile.matmul_modules import IN_OUT, OUT_IN
 from qcompile.passes._expert_sites import routers, split_grouped_products
 from qcompile.passes._matmul_sites import canonicalize_products
@@ -88,11 +89,11 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.args, node.kwargs = (x, weight_node, bias_node), {}  # canonical positional form
         # the views bind added: torch.t(parameter [in, out]), an expert's W[e] (and its .t())
         views = []
-        while isinstance(weight_node, fx.Node) and "lowbit.weight_view" in weight_node.meta:
+        while isinstance(weight_node, fx.Node) and WEIGHT_VIEW in weight_node.meta:
             views.append(weight_node)
             weight_node = weight_node.args[0]
-        expert = next((v.meta["lowbit.expert"] for v in views if "lowbit.expert" in v.meta), None)
-        transposed = any(v.meta["lowbit.weight_view"] == "t" for v in views)
+        expert = next((v.meta[EXPERT] for v in views if EXPERT in v.meta), None)
+        transposed = any(v.meta[WEIGHT_VIEW] == "t" for v in views)
         param_fqn = ctx.param_fqns.get(getattr(weight_node, "name", None))
         if param_fqn is None:
             ctx.unsupported.append((node.name, "weight is not a model parameter"))
@@ -131,7 +132,7 @@ def bind(gm: fx.GraphModule, ctx: PassContext) -> int:
             site.skip_reason = "bias is computed, not a parameter"
         elif not site.weight.is_floating_point() or site.weight.dim() != 2:
             site.skip_reason = f"weight is {site.weight.dtype} with {site.weight.dim()} dims"
-        node.meta["lowbit.site"] = fqn
+        node.meta[SITE] = fqn
         ctx.sites.append(site)
 
     ctx.dataflow = dataflow_graph(gm, ctx)
@@ -224,8 +225,8 @@ def dataflow_graph(gm: fx.GraphModule, ctx: PassContext) -> nx.DiGraph:
         attrs = {"op": node.op, "target": str(node.target)}
         if node.name in ctx.param_fqns:
             attrs["param"] = ctx.param_fqns[node.name]
-        if "lowbit.site" in node.meta:
-            attrs["site"] = node.meta["lowbit.site"]
+        if SITE in node.meta:
+            attrs["site"] = node.meta[SITE]
         g.add_node(node.name, **attrs)
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)

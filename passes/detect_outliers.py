@@ -3,7 +3,7 @@
 Precondition: ``bind`` and ``collect_stats`` ran.
 Postcondition (analysis only): for each site whose recipe splits mixed
 precision (``int8-mixed``), ``site.outlier_channels``
-and the linear node's ``meta["lowbit.outliers"]`` list the input channels whose
+and the linear node's ``meta[OUTLIERS]`` list the input channels whose
 calibrated max |x| reached ``options["outlier_ratio"]`` times the site's median channel
 max |x| (or, with a ratio of 0, the absolute ``options["threshold"]``), sorted, and
 ``site.outlier_rule`` says which limit chose them (the report shows it).
@@ -17,7 +17,8 @@ from __future__ import annotations
 from torch import fx
 
 from qcompile.context import PassContext
-from qcompile.recipes import get_recipe
+from qcompile.graph_utils import OUTLIERS
+from qcompile.recipes import INT8_MIXED, get_recipe
 
 
 def detect_outliers(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -28,11 +29,11 @@ def detect_outliers(gm: fx.GraphModule, ctx: PassContext) -> int:
         if site.artifact is not None:  # reused products (qcompile.artifacts) fix the columns
             site.outlier_channels = list(site.artifact.meta.get("outlier_channels", []))
             site.outlier_rule = site.artifact.meta.get("outlier_rule", "stored products")
-        elif site.skip_reason or not recipe.mixed or stats is None:
+        elif site.skip_reason or recipe.family != INT8_MIXED or stats is None:
             site.outlier_channels = []
         else:
             site.outlier_channels, site.outlier_rule = _choose(stats, ctx.options)
-        site.node.meta["lowbit.outliers"] = list(site.outlier_channels)
+        site.node.meta[OUTLIERS] = list(site.outlier_channels)
         marked += bool(site.outlier_channels)
     return marked
 

@@ -2,36 +2,12 @@
 
 Precondition: ``bind`` and ``collect_stats`` ran.
 Postcondition (analysis only; the graph is not changed): the sites whose recipe
-transforms its input (``Recipe.transform``: DuQuant or Hadamard) are grouped by
-their input node (q/k/v share one, gate/up share one); every bound linear reading
-that node joins the group, so the transform is applied once per input node and
-folded into every consumer. Each group (an :class:`InputGroup`, stored in every
-member's ``node.meta["lowbit.input_group"]``) records, decided on ``ctx.dataflow``:
-
-* ``scale_into``: where a per-channel scale ``x / s`` (smoothing) is absorbed with no
-  run-time cost — ``"norm"``: the input comes (through channel-preserving ops:
-  dtype casts, slices of other dims) from an RMSNorm-style ``weight * normalized``
-  multiply whose every user is in the group, so ``s`` divides that weight;
-  ``"rows"``: the input is ``act(linear_a(..)) * linear_b(..)`` (SwiGLU), so ``s``
-  divides ``linear_b``'s output rows (and bias); None: applied online;
-* ``perm_into``: for the SwiGLU pattern, a channel permutation passes through the
-  elementwise ``act`` and product into both producers' output rows (free);
-* why the rest stays online (e.g. attention output: a per-head fold into v_proj
-  would change the KV cache the graph returns);
-* ``sample``: input rows (float64) from the calibration (``calibrate(...,
-  sample_rows=N)``) or, failing that, recorded from the example inputs (logged);
-  ``absmax``: calibrated per-channel max |x|.
-
-Stored products (``qcompile.artifacts``; ``passes/_plans.py``): each group's plan is
-looked up before anything is computed. A group whose weights were released (or
-loaded by ``qcompile.load``) must use its stored plan, and one built from the same
-calibration and weights reuses it (``InputGroup.stored``); such a group needs no
-sample, and its members' weights are left alone by ``smooth`` / ``rotate``
-(``site.keep_weight``).
-
-With ``options["verify"]`` it also records the graph's outputs on the example inputs
-(``ctx.verify_reference``) for the ``verify`` checks after the exact passes (skipped,
-and logged, when stored transforms are used: they were checked when computed).
+transforms its input (``Recipe.transform``) are grouped by their input node (q/k/v
+share one, gate/up one), every bound linear reading that node joining the group, so
+the transform is applied once per input and folded into every consumer. Each
+:class:`InputGroup` (in every member's ``node.meta[INPUT_GROUP]``) records where a
+smoothing scale and a permutation fold upstream, why the rest stays online, the
+calibration sample, and the stored plan it must or may reuse (``passes/_plans.py``).
 Returns the number of input groups.
 """
 
@@ -47,33 +23,42 @@ from torch import fx
 
 from qcompile import artifacts
 from qcompile.context import LinearSite, PassContext
+from qcompile.graph_utils import (
+    ACTIVATIONS,
+    FUSION,
+    INPUT_GROUP,
+    is_mul,
+    param_tensor,
+    vector_factor,
+)
 from qcompile.recipes import get_recipe
 
-from ._folding import param_tensor
 from ._plans import resolve
 
 log = logging.getLogger("qcompile")
 
 SAMPLE_ROWS = 512  # rows recorded per group when the calibration has no sample
-MUL_TARGETS = (operator.mul, torch.mul, "mul")
-ACTIVATIONS = (
-    torch.nn.functional.silu,
-    torch.nn.functional.gelu,
-    torch.nn.functional.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.relu,
-    "silu",
-    "sigmoid",
-    "tanh",
-    "relu",
-    "gelu",
-)
 
 
 @dataclass(eq=False)
 class InputGroup:
-    """The linear sites that read one input node, and what can be fused upstream."""
+    """The linear sites that read one input node, and what can be fused upstream
+    (decided on ``ctx.dataflow``, :func:`_decide_fusion`):
+
+    * ``scale_into``: where a per-channel ``x / s`` (smoothing) is absorbed at no
+      run-time cost. ``"norm"``: the input comes (through channel-preserving ops: casts,
+      slices of other dims) from an RMSNorm-style ``weight * normalized`` whose every
+      user is in the group, so ``s`` divides that weight; ``"rows"``: the input is
+      ``act(linear_a(..)) * linear_b(..)`` (SwiGLU), so ``s`` divides ``linear_b``'s
+      output rows (and bias); None: applied online;
+    * ``perm_into``: SwiGLU's producers, whose output rows take a channel permutation
+      for free (it passes through the elementwise ``act`` and product);
+    * ``online_reason``: why the rest stays online (e.g. attention output: a per-head
+      fold into v_proj would change the KV cache the graph returns);
+    * ``sample``: input rows (float64) from the calibration (``calibrate(...,
+      sample_rows=N)``) or, failing that, recorded from the example inputs (logged);
+      ``absmax``: calibrated per-channel max |x|.
+    """
 
     input: fx.Node  # the node the sites read (rewritten by smooth / rotate)
     sites: list[LinearSite]
@@ -100,18 +85,52 @@ class InputGroup:
     def in_features(self) -> int:
         return self.sites[0].in_features
 
+    def first_reader(self, gm: fx.GraphModule) -> fx.Node:
+        """The group's site that comes first in the graph (online ops go before it)."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        return min((site.node for site in self.sites), key=order.__getitem__)
+
+    def route_through(
+        self, gm: fx.GraphModule, first: fx.Node, target, args: tuple, meta_key: str
+    ) -> fx.Node:
+        """Insert ``target(input, *args)`` before ``first`` and make every site of the
+        group read it instead of the input (which it becomes); ``meta[meta_key]``
+        names the group."""
+        val = self.input.meta.get("example_value")
+        with gm.graph.inserting_before(first):
+            y = gm.graph.call_function(target, (self.input, *args))
+        y.meta["example_value"] = val
+        y.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+        y.meta[meta_key] = self.index
+        for site in self.sites:
+            site.node.replace_input_with(self.input, y)
+        self.input = y
+        return y
+
 
 def input_groups(ctx: PassContext) -> list[InputGroup]:
     """The groups annotated by ``fusion_analysis``, in graph order."""
     seen: dict[int, InputGroup] = {}
     for site in ctx.sites:
-        g = site.node.meta.get("lowbit.input_group")
+        g = site.node.meta.get(INPUT_GROUP)
         if g is not None and id(g) not in seen:
             seen[id(g)] = g
     return sorted(seen.values(), key=lambda g: g.index)
 
 
 def fusion_analysis(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int:
+    """Group the transformed sites by input and decide each group's folds.
+
+    Stored products (``qcompile.artifacts``; ``passes/_plans.py``): each group's plan is
+    looked up before anything is computed. A group whose weights were released (or
+    loaded by ``qcompile.load``) must use its stored plan, and one built from the same
+    calibration and weights reuses it (``InputGroup.stored``); such a group needs no
+    sample, and ``smooth`` / ``rotate`` leave its members' weights alone
+    (``site.keep_weight``). With ``options["verify"]`` the graph's outputs on the example
+    inputs are recorded (``ctx.verify_reference``) for the ``verify`` checks after the
+    exact passes (skipped, and logged, when stored transforms are used: they were
+    checked when computed).
+    """
     bound = [s for s in ctx.sites if not s.skip_reason and isinstance(s.node.args[0], fx.Node)]
     by_input: dict[fx.Node, list[LinearSite]] = {}
     for site in bound:
@@ -134,13 +153,13 @@ def fusion_analysis(gm: fx.GraphModule, ctx: PassContext, example_inputs) -> int
     _attach_samples(gm, ctx, groups, example_inputs)
     for g in groups:
         for site in g.sites:
-            site.node.meta["lowbit.input_group"] = g
+            site.node.meta[INPUT_GROUP] = g
             site.act_absmax_before = g.absmax_before
         fusion = {
             "scale": _describe_scale(g, ctx),
             "perm": [s.fqn for s in g.perm_into] if g.perm_into else "online",
         }
-        g.input.meta["lowbit.fusion"] = fusion
+        g.input.meta[FUSION] = fusion
     return len(groups)
 
 
@@ -182,10 +201,6 @@ def _producer_chain(ctx: PassContext, inp: fx.Node, members: set[str]) -> list[f
     return chain
 
 
-def _is_mul(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in MUL_TARGETS
-
-
 def _decide_fusion(g: InputGroup, ctx: PassContext) -> None:
     members = {s.node.name for s in g.sites}
     chain = _producer_chain(ctx, g.input, members)
@@ -193,15 +208,12 @@ def _decide_fusion(g: InputGroup, ctx: PassContext) -> None:
         g.online_reason = "the input has users outside these linears"
         return
     prod = chain[0]
-    if _is_mul(prod) and len(prod.args) == 2:
+    if is_mul(prod):
         # RMSNorm: weight (a lifted 1-D parameter of K channels) * normalized
-        for i, a in enumerate(prod.args):
-            t = param_tensor(a) if isinstance(a, fx.Node) else None
-            if t is not None and t.dim() == 1 and t.numel() == g.in_features:
-                other = prod.args[1 - i]
-                if not (isinstance(other, fx.Node) and param_tensor(other) is not None):
-                    g.scale_into = ("norm", prod, i)
-                    return
+        norm = vector_factor(prod, g.in_features, param_tensor)
+        if norm is not None:
+            g.scale_into = ("norm", prod, norm[0])
+            return
         # SwiGLU: act(linear_a(x)) * linear_b(x)
         sites_by_node = {s.node: s for s in ctx.sites if not s.skip_reason}
         factors = []

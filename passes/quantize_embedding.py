@@ -27,18 +27,16 @@ from torch import fx
 
 from qcompile import artifacts
 from qcompile.context import PassContext
+from qcompile.graph_utils import QUANTIZED_TABLES
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
-from qcompile.recipes import get_recipe
+from qcompile.recipes import WEIGHT_ONLY
 
 EMBEDDING_TARGETS = (torch.nn.functional.embedding,)
 
 
 def quantize_embedding(gm: fx.GraphModule, ctx: PassContext) -> int:
     quantized = {}  # weight placeholder name -> its weight-only site
-    for site in ctx.sites:
-        recipe = get_recipe(site.scheme)
-        if site.skip_reason or not recipe.weight_only:
-            continue
+    for site in ctx.sites_of(WEIGHT_ONLY):
         if site.node.target is torch.ops.lowbit.dequant_linear.default:
             quantized[_weight_placeholder(ctx, site)] = site
     rewrites = 0
@@ -68,7 +66,7 @@ def quantize_embedding(gm: fx.GraphModule, ctx: PassContext) -> int:
         lookup.meta.update(node.meta)
         node.replace_all_uses_with(lookup)
         gm.graph.erase_node(node)
-        tables = gm.meta.setdefault("lowbit.quantized_tables", set())
+        tables = gm.meta.setdefault(QUANTIZED_TABLES, set())
         tables.add(id(table.meta["grapharg"].example))
         ctx.embeddings.append(
             f"{ctx.param_fqns[table.name]} lookups read {site.fqn}'s {site.scheme} codes (tied)"

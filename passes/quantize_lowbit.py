@@ -1,27 +1,19 @@
 """quantize_lowbit: low-bit weights and per-token low-bit activations (W4A4, W6A6, W4A8).
 
 Precondition: the exact passes ran (``smooth`` / ``rotate`` may have folded the
-site's weight: ``node.meta["lowbit.weight_f64"]`` then holds it in float64).
-Rewrite, per site whose recipe quantizes weights and activations at widths other
-than (8, 8) (those are ``quantize_weights``'):
+site's weight: ``node.meta[WEIGHT_F64]`` then holds it in float64).
+Rewrite, per site of the ``low-bit`` family:
 
     linear(x, W, b)
  -> q, s = lowbit.quantize_rows_bits(x, a_bits)            per token, [-qmax, qmax]
     lowbit.int8_linear(q, s, W_q, w_scale, b, None, dtype)  int32 accumulation
 
 with ``W_q, w_scale`` the symmetric per-output-channel ``w_bits`` quantization of the
-(folded) weight (``kernels.lowbit_act``), values held in int8 (not packed: storage is
-8 bits per weight plus a float32 scale per row; ``bits_per_weight`` reports that).
-For ``-duquant`` recipes with ``options["duquant"]["clip_search"]`` each output
-channel's clipping ratio is chosen from ``lowbit_act.CLIP_RATIOS`` to minimize the
-output error on the input group's calibration sample (in the rotated basis), or the
-weight error without a sample. The float64 copies left in node meta by the exact
-passes are released.
-Stored products (``qcompile.artifacts``): ``W_q``, ``w_scale`` and the clip ratios are
-stored with the ids of the transform plans folded into the weight (``passes/_plans.py``)
-and reused when those plans are (``fusion_analysis`` decided: ``site.artifact``); a
-site no transform touches reuses them like the other quantizing passes (same weight,
-recipe and options; always for a released weight).
+(folded) weight (``kernels.lowbit_reference``; ``-duquant`` recipes may clip each
+output channel: ``kernels.clip_search``), values held in int8. The float64 copies left
+in node meta by the exact passes are released. Products are stored with the ids of
+the transform plans folded into the weight (``passes/_plans.py``) and reused when
+those plans are.
 Numerical contract: per element ``|W - deq(W_q)| <= w_scale / 2`` without clipping
 (saturated elements excepted with it); activations within half a step per token.
 Returns the number of sites quantized.
@@ -29,36 +21,45 @@ Returns the number of sites quantized.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 from torch import fx
 
-from qcompile import artifacts
-from qcompile.context import PassContext, add_constant
+from qcompile.context import PassContext
+from qcompile.graph_utils import (
+    BIAS_F64,
+    INPUT_GROUP,
+    META_PREFIX,
+    WEIGHT_F64,
+    WEIGHT_NODE,
+    add_constant,
+    drop_constant,
+)
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
-from qcompile.kernels.lowbit_act import quantize_weight_per_channel_bits, search_clip_ratios
-from qcompile.recipes import get_recipe
+from qcompile.kernels.clip_search import search_clip_ratios
+from qcompile.kernels.lowbit_reference import quantize_weight_per_channel_bits
+from qcompile.kernels.reference import sqnr_db
+from qcompile.products import LowBitSite
+from qcompile.recipes import LOW_BIT, get_recipe
 
-from ._folding import drop_constant, weight_f64
-from ._plans import site_products, store_site
+from ._folding import weight_f64
+from ._plan_store import site_products, store_site
 
-META_RELEASED = ("lowbit.weight_f64", "lowbit.bias_f64", "lowbit.input_group")
+META_RELEASED = (WEIGHT_F64, BIAS_F64, INPUT_GROUP)
 
 
 def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     g = gm.graph
-    for site in ctx.sites:
+    for site in ctx.sites_of(LOW_BIT):
         recipe = get_recipe(site.scheme)
-        if site.skip_reason or not artifacts.low_bit(recipe):
-            continue
         node = site.node
-        group = node.meta.get("lowbit.input_group")
+        group = node.meta.get(INPUT_GROUP)
         art = site_products(site, ctx)
         if art is not None:  # stored products: nothing is computed from the weight
-            w_q, w_scale = art.tensors["w_q"], art.tensors["w_scale"]
+            stored = LowBitSite.from_tensors(art.tensors)
+            w_q, w_scale = stored.w_q, stored.w_scale
             site.weight_sqnr_db, site.method = art.meta.get("weight_sqnr_db"), art.meta["method"]
             for attr in ("act_absmax_before", "act_absmax_after"):
                 if getattr(site, attr) is None:
@@ -66,11 +67,13 @@ def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             w = weight_f64(site)
             clip = None
+            # each output channel's clipping ratio minimizes the output error on the input
+            # group's calibration sample (rotated basis), or the weight error without one
             if recipe.transform == "duquant" and ctx.options.duquant["clip_search"]:
                 sample = None if group is None else group.sample
                 clip = search_clip_ratios(w, recipe.weight_bits, sample)
             w_q, w_scale = quantize_weight_per_channel_bits(w, recipe.weight_bits, clip)
-            site.weight_sqnr_db = _sqnr_db(w, w_q, w_scale)
+            site.weight_sqnr_db = sqnr_db(w, w_q.double() * w_scale.double().unsqueeze(1))
             site.method = f"rtn int{recipe.weight_bits}" + (
                 f" + clip search (mean ratio {float(clip.mean()):.3f})" if clip is not None else ""
             )
@@ -78,9 +81,8 @@ def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
         if site.act_absmax_before is None and site.fqn in ctx.stats:
             site.act_absmax_before = float(ctx.stats[site.fqn].absmax.max())
         if art is None:
-            products = {"w_q": w_q, "w_scale": w_scale}
-            if clip is not None:
-                products["clip_ratios"] = clip.to(torch.float32)
+            clip_ratios = clip.to(torch.float32) if clip is not None else None
+            products = LowBitSite(w_q=w_q, w_scale=w_scale, clip_ratios=clip_ratios)
             meta = {
                 "bits": recipe.weight_bits,
                 "act_bits": recipe.act_bits,
@@ -111,17 +113,17 @@ def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
             {
                 k: v
                 for k, v in node.meta.items()
-                if k.startswith("lowbit.") and k not in META_RELEASED
+                if k.startswith(META_PREFIX) and k not in META_RELEASED
             }
         )
         y.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         y.meta["example_value"] = out_val
         node.replace_all_uses_with(y)
         g.erase_node(node)
-        w_node = node.meta.get("lowbit.weight_node")
+        w_node = node.meta.get(WEIGHT_NODE)
         if w_node is not None and not w_node.users:  # the folded fp copy
             drop_constant(gm, w_node)
-            y.meta.pop("lowbit.weight_node", None)
+            y.meta.pop(WEIGHT_NODE, None)
         site.node = y
         rewrites += 1
     for n in g.nodes:  # float64 masters and samples of the exact passes
@@ -129,11 +131,3 @@ def quantize_lowbit(gm: fx.GraphModule, ctx: PassContext) -> int:
             n.meta.pop(key, None)
     gm.recompile()
     return rewrites
-
-
-def _sqnr_db(w: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> float:
-    deq = w_q.double() * w_scale.double().unsqueeze(1)
-    noise = (w - deq).pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(w.pow(2).sum().item() / noise)

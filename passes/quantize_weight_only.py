@@ -22,30 +22,33 @@ Returns the number of sites quantized.
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
 from torch import fx
 
 from qcompile import artifacts, progress
-from qcompile.context import PassContext, add_constant
+from qcompile.context import PassContext
 from qcompile.gptq import gptq_quantize, reconstruction_error
+from qcompile.graph_utils import add_constant
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.packing import pack, packed_bits_per_weight
+from qcompile.kernels.reference import sqnr_db_from_sums
 from qcompile.kernels.weight_only_reference import (
     chunk_rows,
     dequantize_groupwise,
     quantize_groupwise,
 )
+from qcompile.lowering import derived
 from qcompile.memory import drop_file_pages, release_free_pages
-from qcompile.recipes import get_recipe
+from qcompile.products import WeightOnlySite
+from qcompile.recipes import WEIGHT_ONLY, get_recipe
 
 GROUP_SIZES = (32, 64, 128)
 
 
 def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
-    sites = [s for s in ctx.sites if not s.skip_reason and get_recipe(s.scheme).weight_only]
+    sites = ctx.sites_of(WEIGHT_ONLY)
     for site in sites:
         check_group_size(site.fqn, site.in_features, get_recipe(site.scheme))
     g = gm.graph
@@ -60,8 +63,9 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
         deps = weakref.ref(stats) if stats is not None else None  # GPTQ: this calibration
         art = site.artifact or artifacts.lookup(site, ctx, deps=stats)
         if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
-            stored = artifacts.products(art)  # compacted codes are rebuilt for the graph
-            packed, scales, zeros = (stored[k] for k in ("packed", "scales", "zeros"))
+            # compacted codes are rebuilt for the graph
+            stored = WeightOnlySite.from_tensors(derived.products(art))
+            packed, scales, zeros = stored.packed, stored.scales, stored.zeros
             site.weight_sqnr_db, method = art.meta.get("weight_sqnr_db"), art.meta["method"]
         else:
             q, scales, zeros, method = quantize_site(site, ctx, bits, group, act_dtype)
@@ -78,7 +82,7 @@ def quantize_weight_only(gm: fx.GraphModule, ctx: PassContext) -> int:
                 "weight_sqnr_db": site.weight_sqnr_db,
                 "bits_per_weight": site.bits_per_weight,
             }
-            products = {"packed": packed, "scales": scales, "zeros": zeros}
+            products = WeightOnlySite(packed=packed, scales=scales, zeros=zeros)
             artifacts.store(site, ctx, products, meta, deps=deps)
 
         packed_node = add_constant(gm, f"lowbit_{site.fqn}_packed{bits}", packed, node)
@@ -160,4 +164,4 @@ def _sqnr_db(w, q, scales, zeros, group, drop_pages: bool = False) -> float:
         noise += float((wd - deq).pow(2).sum())
         if drop_pages:
             drop_file_pages(rows[0])
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    return sqnr_db_from_sums(signal, noise)

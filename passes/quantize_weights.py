@@ -24,46 +24,51 @@ Returns the number of sites quantized.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 from torch import fx
 
 from qcompile import artifacts
-from qcompile.context import PassContext, add_constant
+from qcompile.context import PassContext
+from qcompile.graph_utils import (
+    DYNAMIC_THRESHOLD,
+    INLIER_MASK,
+    META_PREFIX,
+    OUTLIER_PARTIAL,
+    SPLIT_SUM,
+    WEIGHT_NODE,
+    add_constant,
+)
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
-from qcompile.kernels.reference import quantize_weight_per_channel
+from qcompile.kernels.reference import quantize_weight_per_channel, sqnr_db
 from qcompile.memory import drop_file_pages, release_free_pages
-from qcompile.recipes import get_recipe
+from qcompile.products import Int8Site
+from qcompile.recipes import INT8, INT8_MIXED
 
 
 def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     quantized = {}  # (input, inlier mask) -> the (codes, scales) nodes its sites share
-    for site in ctx.sites:
-        recipe = get_recipe(site.scheme)
-        if (
-            site.skip_reason
-            or not recipe.quantize
-            or (recipe.weight_bits, recipe.act_bits) != (8, 8)
-        ):
-            continue
+    for site in ctx.sites_of(INT8, INT8_MIXED):
         node = site.node
         g = gm.graph
         x = node.args[0]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        w_node = node.meta.get("lowbit.weight_node")
+        w_node = node.meta.get(WEIGHT_NODE)
         art = site.artifact
         if art is None and not site.products:
             art = artifacts.lookup(site, ctx, deps=list(site.outlier_channels))
         if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
-            w_q, w_scale = art.tensors["w_q"], art.tensors["w_scale"]
+            stored = Int8Site.from_tensors(art.tensors)
+            w_q, w_scale = stored.w_q, stored.w_scale
             site.weight_sqnr_db = art.meta.get("weight_sqnr_db")
         else:
             w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
             w_q, w_scale = quantize_weight_per_channel(w)
-            site.weight_sqnr_db = _sqnr_db(site.weight, w_q, w_scale, site.outlier_channels)
+            site.weight_sqnr_db = _effective_sqnr_db(
+                site.weight, w_q, w_scale, site.outlier_channels
+            )
         site.method = "absmax int8" + (" + fp outliers" if site.outlier_channels else "")
         site.bits_per_weight = _bits_per_weight(
             site.in_features, len(site.outlier_channels), site.weight.element_size()
@@ -78,24 +83,24 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
                 "weight_sqnr_db": site.weight_sqnr_db,
                 "bits_per_weight": site.bits_per_weight,
             }
-            products = {**site.products, "w_q": w_q, "w_scale": w_scale}
+            products = Int8Site(w_q=w_q, w_scale=w_scale, **site.products)
             artifacts.store(site, ctx, products, meta, deps=list(site.outlier_channels))
 
         out_val = node.meta.get("example_value")
         out_dtype = out_val.dtype if out_val is not None else site.weight.dtype
-        replaced = node.meta.get("lowbit.split_sum", node)
+        replaced = node.meta.get(SPLIT_SUM, node)
         wq_node = add_constant(gm, f"lowbit_{site.fqn}_int8", w_q, node)
         ws_node = add_constant(gm, f"lowbit_{site.fqn}_scale", w_scale, node)
         with g.inserting_before(replaced):
-            if "lowbit.dynamic_threshold" in node.meta:
-                thr = node.meta["lowbit.dynamic_threshold"]
+            if DYNAMIC_THRESHOLD in node.meta:
+                thr = node.meta[DYNAMIC_THRESHOLD]
                 y = g.call_function(
                     torch.ops.lowbit.int8_mixed_linear_dynamic.default,
                     (x, wq_node, ws_node, bias, thr),
                 )
             else:
-                mask = node.meta.get("lowbit.inlier_mask")
-                partial = node.meta.get("lowbit.outlier_partial")
+                mask = node.meta.get(INLIER_MASK)
+                partial = node.meta.get(OUTLIER_PARTIAL)
                 if (x, mask) not in quantized:  # q/k/v, gate/up: one quantization
                     qs = g.call_function(torch.ops.lowbit.quantize_rows.default, (x, mask))
                     quantized[x, mask] = (
@@ -107,7 +112,7 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
                     torch.ops.lowbit.int8_linear.default,
                     (q, s, wq_node, ws_node, bias, partial, out_dtype),
                 )
-        y.meta.update({k: v for k, v in node.meta.items() if k.startswith("lowbit.")})
+        y.meta.update({k: v for k, v in node.meta.items() if k.startswith(META_PREFIX)})
         y.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         y.meta["example_value"] = out_val
         replaced.replace_all_uses_with(y)
@@ -118,7 +123,7 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
             g.erase_node(w_node)
             delattr(gm, w_node.target)
             gm._param_name_to_source.pop(w_node.target, None)
-            y.meta.pop("lowbit.weight_node", None)
+            y.meta.pop(WEIGHT_NODE, None)
         site.node = y
         rewrites += 1
         if ctx.options.free_weights and site.param is not None:
@@ -128,16 +133,12 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
     return rewrites
 
 
-def _sqnr_db(w: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, exact_cols) -> float:
-    wd = w.detach().double()
+def _effective_sqnr_db(w: torch.Tensor, w_q, w_scale, exact_cols) -> float:
+    """SQNR of the weight the site computes with (outlier columns exact)."""
     deq = w_q.double() * w_scale.double().unsqueeze(1)
     if exact_cols:
-        deq[:, exact_cols] = wd[:, exact_cols]
-    noise = (wd - deq).pow(2).sum().item()
-    signal = wd.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise)
+        deq[:, exact_cols] = w.detach().double()[:, exact_cols]
+    return sqnr_db(w, deq)
 
 
 def _bits_per_weight(k: int, n_outliers: int, fp_bytes: int) -> float:

@@ -2,35 +2,14 @@
 
 Precondition: ``fusion_analysis`` ran (and ``smooth``, whose scaling the group's
 sample already reflects).
-Rewrite, per input group (one per distinct input node: q/k/v share one, gate/up one),
-with ``T`` orthogonal ``[K, K]`` built by :func:`build_plan` from the group's sample:
+Rewrite, per input group, with ``T`` orthogonal ``[K, K]`` (:func:`build_plan`):
 
     linear(x, W_i)  ->  linear(block_rotate(x, ...), W_i @ T)     for every linear i
 
-* ``"duquant"``: ``T = P0 @ R1 @ P @ R2`` (``qcompile.transforms.duquant_transform``'s
-  composition of its building blocks, built block by block; see :func:`build_plan`):
-  ``R1``, ``R2`` block-diagonal greedy rotations (``options["duquant"]["block_size"]``,
-  ``"auto"``: ``options.duquant_block_size`` of the group's weight bits;
-  a remainder block when it does not divide K, reported), ``P`` the zigzag
-  permutation, the stage ``P @ R2`` kept only when it lowers the sample's per-token
-  error at the recipe's activation bits. ``P0`` (only where ``fusion_analysis`` found a
-  SwiGLU producer, with ``permute``): a zigzag permutation of the raw channels, which
-  deals the massive-outlier channels to different blocks before ``R1``; it is folded
-  into the gate/up projections' output rows, so it costs nothing at run time.
-* ``"hadamard"``: ``T = transforms.hadamard_or_random(K)`` (QuaRot-style; a seeded
-  random orthogonal matrix when no Hadamard order-K construction exists; the report
-  says which), applied as one K x K block.
-
-``W_i @ T`` is folded offline in float64 into copies of each weight (cast once).
-``x @ T`` runs online ONCE per input node, as one ``lowbit::block_rotate`` node
-(``kernels.lowbit_act.block_rotate``: a batched matmul over the blocks of ``R1``, and
-of ``R2`` with the gather ``P`` between); ``lower`` turns it into that aten function on
-the CPU, or fuses it into the Triton per-token quantization kernel. An online
-smoothing ``x / s`` left by ``smooth`` is merged into ``R1`` (``diag(1/s) @ R1`` is
-still block-diagonal) and its ``div`` removed.
-A group whose plan is stored (``passes/_plans.py``) applies it as stored (the online
-operands as the graph used them, ``P0``) and folds nothing into the weights it keeps;
-a plan built here is stored after it is applied.
+``W_i @ T`` is folded offline in float64 into copies of the weights; ``x @ T`` runs
+online once per input node (one ``lowbit::block_rotate``, which ``lower`` fuses with
+the quantization where it can). A stored plan (``passes/_plans.py``) is applied as
+stored; a plan built here is stored after it is applied.
 Numerical contract: exact in real arithmetic (float rounding of the folded weights and
 of the online matmul; checked by ``verify`` and in float64 by the tests).
 Returns the number of input groups rotated.
@@ -45,7 +24,8 @@ import torch
 from torch import fx
 
 from qcompile import progress
-from qcompile.context import PassContext, add_constant
+from qcompile.context import PassContext
+from qcompile.graph_utils import ROTATE, add_constant, drop_constant
 from qcompile.kernels.lowbit_act import block_rotate  # also registers lowbit::block_rotate
 from qcompile.options import duquant_block_size
 from qcompile.recipes import get_recipe
@@ -56,8 +36,8 @@ from qcompile.transforms import (
     zigzag_permutation,
 )
 
-from ._folding import drop_constant, fold_output_rows, set_weight, weight_f64
-from ._plans import finish_rotate, remember, stored_plan
+from ._folding import fold_output_rows, set_weight, weight_f64
+from ._plan_store import finish_rotate, remember, stored_plan
 from .fusion_analysis import InputGroup, input_groups
 
 DTYPE = torch.float64
@@ -108,6 +88,19 @@ def rotate(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 def build_plan(g: InputGroup, opts) -> Plan:
     """The transform of one group, from its (smoothed) sample. Tests may replace it.
+
+    * ``"duquant"``: ``T = P0 @ R1 @ P @ R2``: ``R1``, ``R2`` block-diagonal greedy
+      rotations (``options["duquant"]["block_size"]``, ``"auto"``:
+      ``options.duquant_block_size`` of the group's weight bits; a remainder block when
+      it does not divide K, reported), ``P`` the zigzag permutation, the stage
+      ``P @ R2`` kept only when it lowers the sample's per-token error at the recipe's
+      activation bits. ``P0`` (only where ``fusion_analysis`` found a SwiGLU producer,
+      with ``permute``): a zigzag permutation of the raw channels, dealing the
+      massive-outlier channels to different blocks before ``R1``; folded into the
+      gate/up projections' output rows, it costs nothing at run time.
+    * ``"hadamard"``: ``T = transforms.hadamard_or_random(K)`` (QuaRot-style; a seeded
+      random orthogonal matrix when no Hadamard order-K construction exists; the report
+      says which), applied as one K x K block.
 
     DuQuant's composition is ``qcompile.transforms.duquant_transform``'s (same greedy
     block rotations and seeds, zigzag permutation from the channel maxima after R1,
@@ -174,6 +167,11 @@ def _build_rows(xb: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
+    """Fold ``T`` into the group's weights (not those it keeps: their products are
+    stored) and insert the online ``block_rotate`` (``kernels.lowbit_act``: a batched
+    matmul over the blocks of ``R1``, and of ``R2`` with the gather ``P`` between). An
+    online smoothing ``x / s`` left by ``smooth`` is merged into ``R1``
+    (``diag(1/s) @ R1`` is still block-diagonal) and its ``div`` removed."""
     graph = gm.graph
     if plan.pre_perm is not None:  # P0 upstream: the producers' output rows
         for site in g.perm_into:
@@ -201,9 +199,10 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
                 for t in site.transforms
             ]
 
+    g.input = x  # the div's input, when an online x / s was merged into R1
     val = x.meta.get("example_value")
     dtype = val.dtype if val is not None else g.sites[0].weight.dtype
-    first = min((site.node for site in g.sites), key=_order(gm))
+    first = g.first_reader(gm)
     tag = f"lowbit_rotate_{g.index}"
     consts = [None] * 5
     consts[0] = _const(gm, f"{tag}_r1", r1[0], dtype, first)
@@ -213,14 +212,7 @@ def _apply_plan(gm: fx.GraphModule, g: InputGroup, plan: Plan) -> None:
     if plan.r2 is not None:
         consts[3] = _const(gm, f"{tag}_r2", plan.r2[0], dtype, first)
         consts[4] = _const(gm, f"{tag}_r2_tail", plan.r2[1], dtype, first)
-    with graph.inserting_before(first):
-        y = graph.call_function(torch.ops.lowbit.block_rotate.default, (x, *consts))
-    y.meta["example_value"] = val
-    y.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    y.meta["lowbit.rotate"] = g.index
-    for site in g.sites:
-        site.node.replace_input_with(x, y)
-    g.input = y
+    g.route_through(gm, first, torch.ops.lowbit.block_rotate.default, tuple(consts), ROTATE)
 
     x_before = g.sample
     if g.sample is not None:
@@ -258,8 +250,3 @@ def _scale_rows(r: Blocks, d: torch.Tensor) -> Blocks:
 
 def _const(gm, name, value, dtype, before):
     return None if value is None else add_constant(gm, name, value.to(dtype), before)
-
-
-def _order(gm: fx.GraphModule):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda n: index[n]

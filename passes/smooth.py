@@ -32,11 +32,12 @@ import operator
 import torch
 from torch import fx
 
-from qcompile.context import PassContext, add_constant, fqn_from_source
+from qcompile.context import PassContext, fqn_from_source
+from qcompile.graph_utils import ONLINE_SMOOTH, add_constant, param_tensor
 from qcompile.transforms import smooth_scales
 
-from ._folding import fold_output_rows, param_tensor, set_weight, weight_f64
-from ._plans import folded_norm, stored_smooth
+from ._folding import fold_output_rows, set_weight, weight_f64
+from ._plan_store import folded_norm, stored_smooth
 from .fusion_analysis import input_groups
 
 DTYPE = torch.float64
@@ -101,23 +102,10 @@ def _absorb(gm: fx.GraphModule, g, s: torch.Tensor) -> str:
         return f"fused into {producer.fqn} rows"
     if g.stored is not None:  # the stored online operands hold diag(1 / s) already
         return "online, merged into R1"
-    x = g.input
-    val = x.meta.get("example_value")
+    val = g.input.meta.get("example_value")
     dtype = val.dtype if val is not None else g.sites[0].weight.dtype
-    first = min((site.node for site in g.sites), key=_order(gm))
+    first = g.first_reader(gm)
     s_node = add_constant(gm, f"lowbit_smooth_{g.index}", s.to(dtype), first)
-    with gm.graph.inserting_before(first):
-        div = gm.graph.call_function(operator.truediv, (x, s_node))
-    div.meta["example_value"] = val
-    div.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
-    div.meta["lowbit.online_smooth"] = g.index
-    for site in g.sites:
-        site.node.replace_input_with(x, div)
-    g.input = div
+    g.route_through(gm, first, operator.truediv, (s_node,), ONLINE_SMOOTH)
     g.online_scale = s
     return "online"
-
-
-def _order(gm: fx.GraphModule):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda n: index[n]

@@ -7,9 +7,9 @@ Rewrite (static mode, per site with outlier channels O and inliers I):
  -> y = linear(x, W_I, b) + linear(index_select(x, -1, O), W[:, O])
 
 where ``W_I`` is ``W`` with the outlier columns zeroed. The first linear is the
-site's new node (``meta["lowbit.site"]``) and will be quantized; it carries
-``meta["lowbit.inlier_mask"]`` (the constant node of the bool mask over K) and
-``meta["lowbit.outlier_partial"]`` / ``meta["lowbit.split_sum"]`` (the
+site's new node (``meta[SITE]``) and will be quantized; it carries
+``meta[INLIER_MASK]`` (the constant node of the bool mask over K) and
+``meta[OUTLIER_PARTIAL]`` / ``meta[SPLIT_SUM]`` (the
 full-precision partial and the add). The second stays in full precision.
 Sites that read one input with the same outlier columns (q/k/v, gate/up) share the
 ``index_select``, the mask (so their quantizations are one) and one full-precision GEMM
@@ -20,7 +20,7 @@ options and outlier columns, or a released weight), the stored index, mask and
 outlier columns are reused, the inlier weight constant is a zero-memory
 placeholder and ``quantize_weights`` uses the stored int8 weight; otherwise the
 pass leaves its tensors in ``site.products`` for ``quantize_weights`` to store.
-Dynamic mode: no rewrite; the site is marked ``meta["lowbit.dynamic_threshold"]``
+Dynamic mode: no rewrite; the site is marked ``meta[DYNAMIC_THRESHOLD]``
 and ``quantize_weights`` emits the run-time split op.
 Returns the number of sites split (or marked dynamic).
 """
@@ -34,19 +34,27 @@ import torch
 from torch import fx
 
 from qcompile import artifacts
-from qcompile.context import LinearSite, PassContext, add_constant
-from qcompile.recipes import get_recipe
+from qcompile.context import LinearSite, PassContext
+from qcompile.graph_utils import (
+    DYNAMIC_THRESHOLD,
+    INLIER_MASK,
+    OUTLIER_PARTIAL,
+    OUTLIERS,
+    SITE,
+    SPLIT_SUM,
+    WEIGHT_NODE,
+    add_constant,
+)
+from qcompile.products import Int8Site
+from qcompile.recipes import INT8_MIXED
 
 
 def split_mixed_mm(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     groups: dict[tuple, list[_Split]] = {}  # (input node, outlier columns) -> its sites
-    for site in ctx.sites:
-        recipe = get_recipe(site.scheme)
-        if site.skip_reason or not (recipe.quantize and recipe.mixed):
-            continue
+    for site in ctx.sites_of(INT8_MIXED):
         if ctx.options.outlier_mode == "dynamic":
-            site.node.meta["lowbit.dynamic_threshold"] = ctx.options.threshold
+            site.node.meta[DYNAMIC_THRESHOLD] = ctx.options.threshold
             rewrites += 1
         elif site.outlier_channels:
             split = _products(site, ctx)
@@ -77,13 +85,14 @@ def _products(site: LinearSite, ctx: PassContext) -> _Split:
     art = site.artifact or artifacts.lookup(site, ctx, deps=list(site.outlier_channels))
     if art is not None:  # stored products: nothing is computed from the weight
         site.artifact = art
+        stored = Int8Site.from_tensors(art.tensors)
         return _Split(
             site,
             x,
             bias,
-            art.tensors["outlier_idx"],
-            art.tensors["inlier_mask"],
-            art.tensors["w_outlier"],
+            stored.outlier_idx,
+            stored.inlier_mask,
+            stored.w_outlier,
             artifacts.placeholder(w.shape, w.dtype, w.device),
         )  # fmt: skip  (the inlier weight: its int8 form is stored)
     cols = torch.tensor(site.outlier_channels, dtype=torch.long, device=w.device)
@@ -129,12 +138,12 @@ def _rewrite_group(gm: fx.GraphModule, splits: list[_Split]) -> None:
             n.meta["example_value"] = node.meta.get("example_value")
         y_in.meta.update(
             {
-                "lowbit.site": site.fqn,
-                "lowbit.outliers": list(site.outlier_channels),
-                "lowbit.inlier_mask": mask_node,
-                "lowbit.outlier_partial": partial,
-                "lowbit.split_sum": y,
-                "lowbit.weight_node": w_in_node,
+                SITE: site.fqn,
+                OUTLIERS: list(site.outlier_channels),
+                INLIER_MASK: mask_node,
+                OUTLIER_PARTIAL: partial,
+                SPLIT_SUM: y,
+                WEIGHT_NODE: w_in_node,
             }
         )
         node.replace_all_uses_with(y)

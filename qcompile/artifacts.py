@@ -1,28 +1,25 @@
-"""Process-wide registry of what lowbit computed for each weight.
+"""Process-wide registry of what lowbit computed for each weight, and its reuse rules.
+
+Invariant: an entry (:class:`Artifact`) lives exactly as long as the ``nn.Parameter``
+it is keyed by (weakly), holds its products as the ``dict[str, Tensor]`` of one
+``qcompile.products`` layout, and is reused only under the rules of ``lookup`` below.
+Releasing weights and the memory figures: ``qcompile.release``; layouts a lowering
+derives from an entry: ``qcompile.lowering.derived``.
 
 The quantizing passes (``split_mixed_mm``, ``quantize_weights``,
 ``quantize_weight_only``, ``quantize_lowbit``) and the transform passes
 (``fusion_analysis``, ``smooth``, ``rotate``; ``passes/_plans.py``) store their
-products here, keyed by the ``nn.Parameter`` object they belong to (weakly: an entry
-dies with its parameter). Each :class:`Artifact` has a kind (``key["kind"]``):
+products here. Each :class:`Artifact` has a kind (``key["kind"]``), whose tensors
+``qcompile.products`` lays out:
 
 * ``"site"`` (the default; under a linear's weight): what replaces the weight in the
-  graph. ``tensors``: int8 ``w_q`` / ``w_scale`` and the outlier split's
-  ``outlier_idx`` / ``inlier_mask`` / ``w_outlier``; or the weight-only ``packed`` /
-  ``scales`` / ``zeros``; or the low-bit ``w_q`` / ``w_scale`` (``clip_ratios``) of the
-  DuQuant-family recipes, whose ``meta`` also names the transform plans the folded
-  weight was built with (``plan``: its input's, ``row_plans``: those folded into its
-  output rows);
+  graph (``Int8Site``, ``WeightOnlySite`` or ``LowBitSite``, by recipe);
 * ``"plan"`` (under the weight of every quantized linear of one input group): the
-  group's transform, as the graph uses it: the online ``block_rotate`` operands
-  (``r1`` / ``r1_tail``, ``perm``, ``r2`` / ``r2_tail``, in the activation dtype, an
-  online smoothing merged in), the smoothing scales ``smooth`` (float64) and the
-  permutation ``pre_perm`` folded into producers' rows; ``meta``: its id (a digest),
-  members, fusion decisions, block size, notes;
+  group's transform (``TransformPlan``); ``meta``: its id (a digest), members, fusion
+  decisions, block size, notes;
 * ``"folded"`` (under any other parameter a plan folds into): the constant that
-  replaces it in the graph, e.g. an RMSNorm weight divided by the smoothing scales, or
-  the folded weight of a linear that shares a transformed input but is not low-bit
-  quantized; ``key["plans"]`` names the plans it was folded with.
+  replaces it in the graph (``FoldedCopy``); ``key["plans"]`` names the plans it was
+  folded with.
 
 ``key``: what the products depend on besides the parameter (recipe, weight shape and
 dtype, and per recipe family the options that matter: outlier mode and threshold;
@@ -45,11 +42,6 @@ Reuse rules (``lookup``; the transform plans apply them per input group, see
   channels; for GPTQ the same ``SiteStats`` object; for a transform plan the same
   ``SiteStats`` and every member weight unchanged). Else the pass recomputes and
   replaces them.
-
-``free_weight`` releases a parameter's storage in place (same ``Parameter``
-object, data swapped for ``torch.zeros((), dtype).expand(shape)``) and installs a
-forward pre-hook on its ``nn.Linear`` modules that raises when they are called
-eagerly.
 """
 
 from __future__ import annotations
@@ -63,18 +55,14 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .matmul_modules import IN_OUT, OUT_IN, is_expert_tensor, is_matmul_module
-from .recipes import get_recipe
+from . import products as _products
+from .matmul_modules import IN_OUT, OUT_IN
+from .recipes import LOW_BIT, get_recipe
 
 # Parameter -> {canonical key json -> Artifact}
 REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 MAX_UNPINNED_PER_WEIGHT = 8  # older unpinned products of a weight are dropped
 _clock = itertools.count(1)
-
-FREED_MESSAGE = (
-    "lowbit freed this layer's full-precision weight ({what}): run the compiled model, "
-    "or compile without free_weights / load the full-precision weights again"
-)
 
 
 @dataclass
@@ -88,13 +76,8 @@ class Artifact:
     sites: dict[str, int] = field(default_factory=dict)  # site fqn -> last use (clock)
     released: bool = False  # its weight was replaced by a placeholder (free_weights, load)
     fp_needed: bool = False  # a graph still reads the fp weight besides the quantized site
-    # layouts computed from ``tensors`` by the lowering (e.g. the CPU int4 prepack), per
-    # target and dtype: shared by every graph of the weight, never saved
-    derived: dict = field(default_factory=dict)
-    # () -> the products ``compact`` may drop, rebuilt from ``derived`` (set by the lowering
-    # when its layout holds them exactly)
-    rebuild: Any = None
-    compacted: bool = False  # ``tensors`` lacks what ``rebuild`` returns
+    # layouts a lowering derives from ``tensors``: ``qcompile.lowering.derived`` (weakly
+    # keyed by the Artifact, never saved)
 
     @property
     def kind(self) -> str:
@@ -147,17 +130,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def low_bit(recipe) -> bool:
-    """Whether ``quantize_lowbit`` handles the recipe (W4A4 / W6A6 / W4A8: DuQuant,
-    Hadamard, RTN): its products record the transform plans they were built with."""
-    return (
-        recipe.quantize
-        and recipe.act_bits is not None
-        and not recipe.mixed
-        and (recipe.weight_bits, recipe.act_bits) != (8, 8)
-    )
-
-
 def site_key(site, ctx) -> dict:
     """What a site's products depend on besides the weight and the calibration."""
     recipe = get_recipe(site.scheme)
@@ -176,7 +148,7 @@ def site_key(site, ctx) -> dict:
         key["outlier_mode"] = ctx.options.outlier_mode
         key["threshold"] = ctx.options.threshold
         key["outlier_ratio"] = ctx.options.outlier_ratio
-    elif low_bit(recipe) and recipe.transform is not None:
+    elif recipe.family == LOW_BIT and recipe.transform is not None:
         key["act_dtype"] = dtype_name(act_dtype(site))
         if recipe.transform == "duquant":
             key["duquant"] = dict(sorted(ctx.options.duquant.items()))
@@ -258,7 +230,7 @@ def tracked(site) -> bool:
     param = site.param if getattr(site, "param", None) is not None else site.weight
     if not isinstance(param, torch.nn.Parameter):
         return False
-    if low_bit(get_recipe(site.scheme)):
+    if get_recipe(site.scheme).family == LOW_BIT:
         return True
     unfolded = site.unfolded if hasattr(site, "unfolded") else site.weight is param
     return unfolded and not getattr(site, "transforms", None)
@@ -338,10 +310,9 @@ def missing_message(site, key: dict) -> str:
     )
 
 
-def store(
-    site, ctx, tensors: dict[str, torch.Tensor], meta: dict, deps: Any = None
-) -> Artifact | None:
-    """Record ``site``'s freshly computed products (replacing stale ones for its key)."""
+def store(site, ctx, tensors, meta: dict, deps: Any = None) -> Artifact | None:
+    """Record ``site``'s freshly computed products (replacing stale ones for its key):
+    ``tensors``, a ``qcompile.products`` layout (or its dict)."""
     if not tracked(site):
         return None
     return store_for(site.param, site_key(site, ctx), site.fqn, tensors, meta, deps)
@@ -353,12 +324,13 @@ def find(param: torch.Tensor, key: dict) -> Artifact | None:
 
 
 def store_for(
-    param: torch.Tensor, key: dict, fqn: str, tensors: dict, meta: dict, deps: Any = None
+    param: torch.Tensor, key: dict, fqn: str, tensors, meta: dict, deps: Any = None
 ) -> Artifact:
-    """Record products under ``param`` (any kind), used by ``fqn``."""
+    """Record products under ``param`` (any kind), used by ``fqn``: ``tensors``, a
+    ``qcompile.products`` layout (or its dict)."""
     art = Artifact(
         key=dict(key),
-        tensors={k: v.detach() for k, v in tensors.items()},
+        tensors={k: v.detach() for k, v in _products.as_tensors(tensors).items()},
         meta=dict(meta),
         deps=freeze_deps(deps),
         fingerprint=fingerprint(param),
@@ -381,24 +353,6 @@ def register(param: torch.Tensor, art: Artifact) -> None:
         del arts[key_str(old.key)]
 
 
-def products(art: Artifact) -> dict[str, torch.Tensor]:
-    """Every product of ``art``; those ``compact`` dropped are rebuilt (a transient copy)."""
-    return {**art.tensors, **art.rebuild()} if art.compacted else art.tensors
-
-
-def compact(art: Artifact) -> int:
-    """Drop the products ``art.rebuild`` can recreate (the generic packed codes, once the
-    CPU int4 layout holds them); returns the bytes dropped."""
-    if art.rebuild is None or art.compacted:
-        return 0
-    dropped = art.rebuild().keys()
-    size = sum(nbytes(art.tensors[k]) for k in dropped if k in art.tensors)
-    for k in dropped:
-        art.tensors.pop(k, None)
-    art.compacted = True
-    return size
-
-
 def holding(param: torch.Tensor, tensor: torch.Tensor) -> Artifact | None:
     """The artifact of ``param`` one of whose tensors shares ``tensor``'s storage."""
     ptr = tensor.untyped_storage().data_ptr()
@@ -417,111 +371,5 @@ def clear() -> None:
     REGISTRY.clear()
 
 
-# memory -------------------------------------------------------------------------------
-
-
-def replaced_weights(gm, ctx) -> list[tuple[torch.nn.Parameter, str, list[str]]]:
-    """``(parameter, placeholder source name, site module FQNs)`` of every quantized
-    site's weight that the graph no longer reads (its placeholder has no users)."""
-    by_param: dict[int, tuple] = {}
-    for site in ctx.sites:
-        if site.skip_reason or not get_recipe(site.scheme).quantize:
-            continue
-        by_param.setdefault(id(site.param), (site.param, []))[1].append(site.module_fqn)
-    out = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        grapharg = node.meta.get("grapharg")
-        example = getattr(grapharg, "example", None)
-        if example is None or id(example) not in by_param or node.users:
-            continue
-        param, modules = by_param.pop(id(example))
-        out.append((param, grapharg.source.name, modules))
-    for param, _ in by_param.values():  # the graph still reads these fp weights
-        for art in artifacts_of(param):
-            art.fp_needed = True
-    return out
-
-
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def memory_of(gm, replaced) -> dict[str, int]:
-    """Bytes of the fp weights the graph replaced, of its quantized constants, and of
-    the replaced weights already released."""
-    quantized = sum(nbytes(b) for name, b in gm.named_buffers() if name.startswith("lowbit_"))
-    return {
-        "fp_bytes_replaced": sum(nbytes(p) for p, _, _ in replaced),
-        "quantized_bytes": quantized,
-        "freed_bytes": sum(nbytes(p) for p, _, _ in replaced if is_freed(p)),
-    }
-
-
-# releasing weights -----------------------------------------------------------------------
-
-
-def linear_owners(root: torch.nn.Module, param: torch.Tensor, embedding_ok: bool = False):
-    """``(owners, all_linear)``: ``(name, module)`` of every module holding ``param``,
-    and whether each is a matmul module (``nn.Linear``, GPT-2's ``Conv1D``:
-    ``qcompile.matmul_modules``) holding it as its ``weight`` (or, with ``embedding_ok``,
-    an ``nn.Embedding`` whose lookups the graph reads from the quantized copy:
-    ``passes.quantize_embedding``)."""
-    owners, all_linear = [], True
-    for mod_name, mod in root.named_modules(remove_duplicate=False):
-        for name, p in mod._parameters.items():
-            if p is param:
-                owners.append((mod_name, mod))
-                kind_ok = is_matmul_module(mod) or (
-                    embedding_ok and isinstance(mod, torch.nn.Embedding)
-                )
-                expert_ok = is_expert_tensor(param, mod) and covers_experts(param)
-                all_linear &= kind_ok and name == "weight" or expert_ok
-    return owners, all_linear and bool(owners)
-
-
-def covers_experts(param: torch.Tensor) -> bool:
-    """Whether products are stored for every expert of the 3-D ``param``."""
-    have = {a.key.get("expert") for a in artifacts_of(param) if a.kind == "site"}
-    return have.issuperset(range(param.shape[0]))
-
-
-class _RaiseIfFreed:
-    """Forward pre-hook: an eager call of a linear whose weight lowbit released raises."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: torch.nn.Module, args) -> None:
-        if torch.compiler.is_compiling():
-            return
-        for attr, weight in module._parameters.items():
-            if weight is None or not (attr == "weight" or is_expert_tensor(weight, module)):
-                continue
-            # a placeholder, or one materialized as zeros (model.to(...) after the release)
-            if is_freed(weight) or not bool(weight.detach().any()):
-                what = f"{self.name or type(module).__name__}.{attr}, {tuple(weight.shape)}"
-                raise RuntimeError(FREED_MESSAGE.format(what=what))
-
-
-def guard_eager_calls(module: torch.nn.Module, name: str = "") -> None:
-    """Make an eager call of ``module`` raise while its weight is released."""
-    if getattr(module, "_lowbit_freed_hook", None) is None:
-        module._lowbit_freed_hook = module.register_forward_pre_hook(_RaiseIfFreed(name))
-
-
-def free_weight(param: torch.nn.Parameter, owners) -> int:
-    """Release ``param``'s storage in place and guard its ``(name, nn.Linear)`` owners;
-    returns the bytes released (0 if it was already). Its stored products that the
-    target's layout holds exactly are compacted (``compact``)."""
-    if is_freed(param):
-        return 0
-    size = nbytes(param)
-    embedding = any(isinstance(mod, torch.nn.Embedding) for _, mod in owners)
-    for art in (REGISTRY.get(param) or {}).values():
-        art.pinned = art.released = True  # reused from now on without calibration
-        if not embedding:  # an embedding's lookups read the generic packed codes
-            compact(art)
-    param.data = placeholder(param.shape, param.dtype, param.device)
-    for name, mod in owners:
-        guard_eager_calls(mod, name)
-    return size

@@ -15,11 +15,14 @@ import weakref
 import torch
 from torch import fx
 
+from qcompile.graph_utils import QUANTIZED_TABLES, REPLACED_WEIGHTS
+
 from . import artifacts, memory, progress
 from .context import frame_root
 from .options import Options
 from .pipeline import run_pipeline
 from .qat import is_quantizer_parameter
+from .release import free_weight, linear_owners
 
 log = logging.getLogger("qcompile")
 
@@ -48,8 +51,8 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=Non
         )
         return hand_off(gm, example_inputs, opts.handoff)
     report = run_pipeline(gm, example_inputs, opts)
-    replaced = gm.meta.pop("lowbit.replaced_weights", [])
-    tables = gm.meta.pop("lowbit.quantized_tables", set())
+    replaced = gm.meta.pop(REPLACED_WEIGHTS, [])
+    tables = gm.meta.pop(QUANTIZED_TABLES, set())
     release = plan_release(replaced, tables) if opts.free_weights else []
     # the quantized graph is an inference graph: in grad mode inductor still compiles it
     # and it runs without recording autograd (its kernels have no derivatives; training
@@ -215,7 +218,7 @@ def plan_release(replaced, quantized_tables=frozenset()) -> list[tuple]:
                 source,
             )
             continue
-        owners, all_linear = artifacts.linear_owners(root, param, id(param) in quantized_tables)
+        owners, all_linear = linear_owners(root, param, id(param) in quantized_tables)
         if all_linear:
             plan.append((param, owners))
         else:
@@ -236,7 +239,7 @@ def release_after_first_call(compiled, plan, report, roots=()):
     def release():
         if not pending:
             return
-        freed = sum(artifacts.free_weight(p, owners) for p, owners in pending.pop())
+        freed = sum(free_weight(p, owners) for p, owners in pending.pop())
         copied = sum(memory.release_file_mappings(root) for root in roots)
         if copied:
             log.info("lowbit: free_weights copied %d bytes out of a mapped checkpoint", copied)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from qcompile import artifacts
+from qcompile import release
 from qcompile.blocks import BlockCall, capture_block_inputs, find_blocks
 from qcompile.calibration import gram
 from qcompile.checkpoint import materialize, meta_parameters, open_streamed
@@ -168,7 +168,7 @@ def block_ap(
                 q_inputs, fp_inputs = q_outputs, targets
                 if streamed is not None:  # the packed products stay; the compile uses them
                     for n, m in _linears(block):
-                        artifacts.free_weight(m.weight, [(f"{name}.{n}", m)])
+                        release.free_weight(m.weight, [(f"{name}.{n}", m)])
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))

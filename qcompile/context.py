@@ -10,8 +10,11 @@ import networkx as nx
 import torch
 from torch import fx
 
+from qcompile.graph_utils import SITE
+
 from .calibration import SiteStats
 from .options import Options
+from .recipes import get_recipe
 
 # dynamo source names look like L['self']._modules['model']._parameters['weight']
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
@@ -104,8 +107,17 @@ class PassContext:
     # the transform passes' stored / reused plans (passes/_plans.py: PlanState)
     plans: Any = None
 
+    def sites_of(self, *families: str) -> list[LinearSite]:
+        """The sites to quantize whose recipe is of one of ``families``
+        (``qcompile.recipes``): how a quantizing pass picks the sites it acts on."""
+        return [
+            s
+            for s in self.sites
+            if s.skip_reason is None and get_recipe(s.scheme).family in families
+        ]
+
     def site_of(self, node: fx.Node) -> LinearSite | None:
-        fqn = node.meta.get("lowbit.site")
+        fqn = node.meta.get(SITE)
         return next((s for s in self.sites if s.fqn == fqn and s.node is node), None)
 
 
@@ -184,24 +196,3 @@ def module_fqn_from_stack(node: fx.Node) -> tuple[str, type] | None:
     if path.startswith("_orig_mod."):
         path = path[len("_orig_mod.") :]
     return path, cls
-
-
-def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Store ``value`` as a new buffer of ``gm`` and return a get_attr node for it.
-
-    The buffer is registered in ``gm._param_name_to_source`` so inductor treats it
-    as a constant of the compiled graph (DESIGN.md §4).
-    """
-    from torch._dynamo.source import ConstantSource
-
-    base = re.sub(r"\W", "_", name)
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    gm.register_buffer(name, value.detach())
-    if getattr(gm, "_param_name_to_source", None) is None:
-        gm._param_name_to_source = {}
-    gm._param_name_to_source[name] = ConstantSource(name)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    return node

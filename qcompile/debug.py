@@ -16,15 +16,15 @@ from pathlib import Path
 
 from torch import fx
 
+from qcompile.graph_utils import SITE
+
 from .memory import release_free_pages
 
 log = logging.getLogger("qcompile")
 
 
 def _snapshot(gm: fx.GraphModule) -> dict[str, tuple[str, str, str, str | None]]:
-    return {
-        n.name: (n.op, _target(n), repr(n.args), n.meta.get("lowbit.site")) for n in gm.graph.nodes
-    }
+    return {n.name: (n.op, _target(n), repr(n.args), n.meta.get(SITE)) for n in gm.graph.nodes}
 
 
 def _target(n: fx.Node) -> str:

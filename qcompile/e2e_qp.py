@@ -27,6 +27,7 @@ from qcompile import artifacts
 from qcompile.block_ap import TrainingDivergedError, check_finite
 from qcompile.kernels import ops  # noqa: F401  (registers torch.ops.lowbit)
 from qcompile.kernels.packing import unpack
+from qcompile.lowering import derived
 from qcompile.qat import mark_quantizer_parameter
 from qcompile.qat_convert import QAT_META, store_trained, trained_artifact
 
@@ -39,7 +40,7 @@ class FrozenCodesLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, art: artifacts.Artifact) -> None:
         super().__init__()
-        tensors = artifacts.products(art)
+        tensors = derived.products(art)
         self.bits, self.group_size = art.meta["bits"], art.meta["group_size"]
         self.recipe = art.meta[QAT_META]["recipe"]
         self.method = art.meta["method"]

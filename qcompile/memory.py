@@ -230,6 +230,7 @@ def memory_report(model: torch.nn.Module | None = None, baseline: int | None = N
     measure from (default: the RSS when qcompile was imported)."""
     from qcompile import artifacts
     from qcompile.calibration import Calibration
+    from qcompile.lowering import derived
 
     ranges = file_mapped_ranges()
     seen: set[int] = set()
@@ -251,7 +252,8 @@ def memory_report(model: torch.nn.Module | None = None, baseline: int | None = N
         count(OWNERS[0], tensors)
     arts = [a for per_param in list(artifacts.REGISTRY.values()) for a in per_param.values()]
     count(OWNERS[2], (t for a in arts for t in a.tensors.values()))
-    count(OWNERS[3], (t for a in arts for d in a.derived.values() for t in _tensors(d)))
+    layouts = [d for a in arts for d in derived.layouts(a).values()]
+    count(OWNERS[3], (t for d in layouts for t in _tensors(d)))
     count(OWNERS[4], (t for gm in list(GRAPHS) for t in gm.buffers()))
     gc.collect()
     objects = gc.get_objects()

@@ -1,4 +1,6 @@
-"""The ordered pass pipeline: one line per stage."""
+"""The ordered pass pipeline: one line per stage. Each quantizing pass acts on the sites
+of its recipe families (``Recipe.family``, ``PassContext.sites_of``); passes/README.md
+lists the invariants every pass keeps."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections import deque
 
 from torch import fx
 
+from qcompile.graph_utils import REPLACED_WEIGHTS
 from qcompile.passes._matmul_sites import drop_dead_weight_views
 from qcompile.passes.bind import bind
 from qcompile.passes.collect_stats import collect_stats
@@ -22,7 +25,7 @@ from qcompile.passes.smooth import smooth
 from qcompile.passes.split_mixed_mm import split_mixed_mm
 from qcompile.passes.verify import verify
 
-from . import artifacts
+from . import release
 from .context import PassContext
 from .coverage import record_graph
 from .debug import PassRunner
@@ -51,10 +54,10 @@ def run_pipeline(
     runner.run("verify_smooth", verify, gm, ctx, "smooth")  # options["verify"]: outputs unchanged
     runner.run("rotate", rotate, gm, ctx)  # DuQuant R1 P R2 / Hadamard: W @ T offline, x @ T online
     runner.run("verify_rotate", verify, gm, ctx, "rotate", True)  # ... and frees the reference
-    runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # outlier columns -> fp partial
-    runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8 weights + lowbit ops
-    runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # W4A4 / W6A6 / W4A8 + lowbit ops
-    runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # packed low-bit weights
+    runner.run("split_mixed_mm", split_mixed_mm, gm, ctx)  # int8-mixed: outliers -> fp partial
+    runner.run("quantize_weights", quantize_weights, gm, ctx)  # int8, int8-mixed families
+    runner.run("quantize_lowbit", quantize_lowbit, gm, ctx)  # low-bit: W4A4 / W6A6 / W4A8
+    runner.run("quantize_weight_only", quantize_weight_only, gm, ctx)  # weight-only: packed
     runner.run("quantize_embedding", quantize_embedding, gm, ctx)  # tied lookups read the codes
     drop_dead_weight_views(gm)  # the [in, out] weights' views bind added, once replaced
     if lower_to_target:
@@ -64,11 +67,11 @@ def run_pipeline(
     gm.graph.lint()
 
     # fp weights this graph no longer reads: the backend releases them with free_weights
-    replaced = artifacts.replaced_weights(gm, ctx)
-    gm.meta["lowbit.replaced_weights"] = replaced
+    replaced = release.replaced_weights(gm, ctx)
+    gm.meta[REPLACED_WEIGHTS] = replaced
     report = build_report(ctx, runner)
     record_graph(ctx, report)  # per parameter: quantized / full precision (qcompile.coverage)
-    report.memory = artifacts.memory_of(gm, replaced)
+    report.memory = release.memory_of(gm, replaced)
     runner.write_report(report)
     REPORTS.append(report)
     _log_summary(report)

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qcompile.artifacts import linear_owners
 from qcompile.kernels.weight_only_reference import compute_qparams
 from qcompile.recipes import get_recipe
+from qcompile.release import linear_owners
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

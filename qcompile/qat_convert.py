@@ -13,7 +13,6 @@ them as any stored product. Their ``meta["method"]`` (``block-ap``,
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -21,7 +20,10 @@ from torch.nn.utils import parametrize
 
 from qcompile import artifacts
 from qcompile.kernels.packing import pack, packed_bits_per_weight
+from qcompile.kernels.reference import sqnr_db
 from qcompile.kernels.weight_only_reference import dequantize_groupwise
+from qcompile.lowering import derived
+from qcompile.products import WeightOnlySite
 from qcompile.qat import GroupwiseFakeQuant, trained_codes
 from qcompile.recipes import get_recipe
 
@@ -54,12 +56,12 @@ def store_trained(mod, name, recipe, method, q, scales, zeros, *, reference=None
         "bits": bits,
         "group_size": group,
         "method": method,
-        "weight_sqnr_db": _sqnr_db(reference, param.detach()) if reference is not None else None,
+        "weight_sqnr_db": sqnr_db(reference, param.detach()) if reference is not None else None,
         "bits_per_weight": packed_bits_per_weight(bits, group, scales.element_size()),
         QAT_META: {"recipe": recipe},
     }
     key = artifacts.weight_only_key(recipe, param, scales.dtype)
-    products = {"packed": pack(q, bits), "scales": scales.detach(), "zeros": zeros.detach()}
+    products = WeightOnlySite(pack(q, bits), scales.detach(), zeros.detach())
     art = artifacts.store_for(param, key, f"{name}.weight", products, meta)
     art.pinned = True
     return art
@@ -74,12 +76,6 @@ def trained_artifact(mod: nn.Module) -> artifacts.Artifact | None:
     return found[-1] if found else None
 
 
-def _sqnr_db(reference: torch.Tensor, w_hat: torch.Tensor) -> float:
-    ref = reference.detach().double()
-    noise = (ref - w_hat.double()).pow(2).sum()
-    return math.inf if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
-
-
 def copy_trained(model: nn.Module) -> nn.Module:
     """A deep copy of a trained model whose copied weights keep the trained products
     (``copy.deepcopy`` alone copies the weights but not what lowbit stored for them, so
@@ -92,7 +88,7 @@ def copy_trained(model: nn.Module) -> nn.Module:
                 continue
             twin = artifacts.Artifact(
                 dict(art.key),
-                dict(artifacts.products(art)),
+                dict(derived.products(art)),
                 dict(art.meta),
                 fingerprint=artifacts.fingerprint(param),
                 pinned=True,

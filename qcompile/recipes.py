@@ -8,24 +8,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Recipe families: which passes act on a site (PassContext.sites_of routes by them).
+FP = "fp"  # nothing is quantized
+INT8 = "int8"  # vector-wise int8 weights and activations (quantize_weights)
+INT8_MIXED = "int8-mixed"  # ... with LLM.int8()'s outlier columns in fp (+ split_mixed_mm)
+WEIGHT_ONLY = "weight-only"  # group-wise packed weights (quantize_weight_only, _embedding)
+LOW_BIT = "low-bit"  # W4A4 / W6A6 / W4A8, optionally transformed (quantize_lowbit)
+FAMILIES = (FP, INT8, INT8_MIXED, WEIGHT_ONLY, LOW_BIT)
+
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    quantize: bool  # False: the site keeps its full-precision linear
+    family: str  # one of FAMILIES
     weight_bits: int | None = None
     act_bits: int | None = None
-    mixed: bool = False  # LLM.int8() split: outlier columns stay in full precision
     group_size: int | None = None  # weight-only: input channels per scale / zero point
     gptq: bool = False  # weight-only: GPTQ error compensation instead of round-to-nearest
-    # weight-activation low bit: equivalence transform on each linear input before
-    # quantizing (None, "duquant": smoothing + block rotations, "hadamard": QuaRot-style)
+    # low-bit: equivalence transform on each linear input before quantizing
+    # (None, "duquant": smoothing + block rotations, "hadamard": QuaRot-style)
     transform: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"recipe {self.name!r}: unknown family {self.family!r}")
+
+    @property
+    def quantize(self) -> bool:
+        """False: the site keeps its full-precision linear."""
+        return self.family != FP
+
+    @property
+    def mixed(self) -> bool:
+        """LLM.int8() split: outlier columns stay in full precision."""
+        return self.family == INT8_MIXED
 
     @property
     def weight_only(self) -> bool:
-        return self.quantize and self.act_bits is None
+        return self.family == WEIGHT_ONLY
 
     @property
     def calibrated(self) -> bool:
@@ -41,22 +62,21 @@ RECIPES: dict[str, Recipe] = {
             "int8-mixed",
             "LLM.int8(): vector-wise int8 (per-token activations, per-channel weights); "
             "outlier feature columns multiplied in full precision",
-            quantize=True,
+            INT8_MIXED,
             weight_bits=8,
             act_bits=8,
-            mixed=True,
         ),
         Recipe(
             "w8a8",
             "vector-wise int8 (per-token activations, per-channel weights), no outlier split",
-            quantize=True,
+            INT8,
             weight_bits=8,
             act_bits=8,
         ),
         Recipe(
             "fp",
             "analysis only: every pass runs, nothing is quantized (output equals the eager model)",
-            quantize=False,
+            FP,
         ),
     )
 }
@@ -71,7 +91,7 @@ for _bits in (8, 4, 3, 2):
                 f"weight-only {_bits}-bit, asymmetric, groups of {_group} input channels, "
                 + ("GPTQ (Hessian from calibration)" if _gptq else "round-to-nearest")
                 + "; activations stay in their dtype",
-                quantize=True,
+                WEIGHT_ONLY,
                 weight_bits=_bits,
                 group_size=_group,
                 gptq=_gptq,
@@ -97,7 +117,7 @@ for _name, _w, _a, _transform, _how in (
             if _transform == "duquant"
             else ""
         ),
-        quantize=True,
+        LOW_BIT,
         weight_bits=_w,
         act_bits=_a,
         transform=_transform,

@@ -33,6 +33,7 @@ from . import artifacts, folder, memory
 from .blocks import BlockCall, capture_block_inputs, find_blocks
 from .calibration import Calibration, ModelCall, as_call, calibrate, statistics_for
 from .checkpoint import materialize, meta_parameters, open_streamed
+from .lowering import derived
 from .matmul_modules import is_matmul_module
 from .options import Options
 from .recipes import get_recipe
@@ -200,13 +201,14 @@ def _offload_products(block: nn.Module, path: str) -> None:
     them for the block's kernels go, as those kernels did."""
     arts = [a for p in block.parameters() for a in artifacts.artifacts_of(p)]
     tensors = {
-        f"{i}/{role}": t for i, a in enumerate(arts) for role, t in artifacts.products(a).items()
+        f"{i}/{role}": t for i, a in enumerate(arts) for role, t in derived.products(a).items()
     }
     torch.save(tensors, path)
     del tensors
     mapped = torch.load(path, mmap=True, weights_only=True)
     for a in arts:
-        a.tensors, a.derived, a.rebuild, a.compacted = {}, {}, None, False
+        a.tensors = {}
+        derived.forget(a)
     for key, t in mapped.items():
         i, _, role = key.partition("/")
         arts[int(i)].tensors[role] = t

@@ -4,7 +4,8 @@
 #   scripts/dev.sh demo                 run the SmolLM2 demo (python -m qcompile.demo)
 #   scripts/dev.sh test [pytest args]   ruff check ., then pytest (args passed through)
 #   scripts/dev.sh bench [NAME] [args]  run benchmarks/bench_NAME.py (int8, weight_only, duquant,
-#                                       cross_kind, qat, moe, architectures, export, vs_llamacpp, memory; default int8);
+#                                       cross_kind, qat, moe, architectures, export, vs_llamacpp, memory,
+#                                       cpu_kernels; default int8);
 #                                       installs the bench extra
 #
 # Every command first makes sure .venv (at the repository root) exists and holds
@@ -23,7 +24,7 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.lowbit-install-stamp"
 
 usage() {
-    echo "usage: scripts/dev.sh {demo|test [pytest args...]|bench [int8|weight_only|duquant|cross_kind|qat|moe|architectures|export|vs_llamacpp|memory] [args...]}" >&2
+    echo "usage: scripts/dev.sh {demo|test [pytest args...]|bench [int8|weight_only|duquant|cross_kind|qat|moe|architectures|export|vs_llamacpp|memory|cpu_kernels] [args...]}" >&2
     exit 2
 }
 

@@ -8,6 +8,17 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP threads only contend (10x slower here)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def fresh_dynamo():
     """Reset dynamo before and after a test that compiles: its recompile limit (8)
     would otherwise make later compiles of the same model class run eagerly."""

@@ -36,9 +36,9 @@ class TinySpec:
     seed: int = 0
 
 
-def build_model(spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.float32):
-    """A random ``LlamaForCausalLM`` in eval mode (deterministic in ``spec.seed``)."""
-    cfg = LlamaConfig(
+def llama_config(spec: TinySpec) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``spec``."""
+    return LlamaConfig(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
@@ -50,6 +50,11 @@ def build_model(spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.float32)
         attention_bias=spec.attention_bias,
         mlp_bias=spec.mlp_bias,
     )
+
+
+def build_model(spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.float32):
+    """A random ``LlamaForCausalLM`` in eval mode (deterministic in ``spec.seed``)."""
+    cfg = llama_config(spec)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     with torch.no_grad():  # random (not init-default) norms and biases

@@ -582,3 +582,20 @@ def test_compiled_model_runs_in_grad_mode_as_inference():
         torch._dynamo.reset()
         assert not out.requires_grad
         assert rel_err(out.detach(), eager_logits(model, ids)) < 0.2
+
+
+def test_recipe_families_route_the_quantizing_passes():
+    """Each recipe's family (what the quantizing passes route by) agrees with its
+    fields; an unknown family is refused."""
+    from qcompile import recipes
+
+    for r in RECIPES.values():
+        assert r.family in recipes.FAMILIES
+        assert r.quantize == (r.family != recipes.FP)
+        assert r.weight_only == (r.family == recipes.WEIGHT_ONLY) == (r.group_size is not None)
+        if r.family in (recipes.INT8, recipes.INT8_MIXED):
+            assert (r.weight_bits, r.act_bits) == (8, 8)
+        if r.family == recipes.LOW_BIT:
+            assert r.act_bits is not None and min(r.weight_bits, r.act_bits) < 8
+    with pytest.raises(ValueError, match="unknown family"):
+        recipes.Recipe("x", "", "int5")

@@ -26,22 +26,18 @@ from hypothesis import strategies as st
 
 import qcompile
 from qcompile import Options, calibrate
-from qcompile.kernels import lowbit_act
+from qcompile.kernels import clip_search
 from qcompile.kernels import reference as ref
-from qcompile.kernels.lowbit_act import (
-    block_rotate,
-    quantize_rows_bits,
-    quantize_weight_per_channel_bits,
-    search_clip_ratios,
-    split_blocks,
-)
+from qcompile.kernels.clip_search import search_clip_ratios
+from qcompile.kernels.lowbit_act import block_rotate, quantize_rows_bits, split_blocks
+from qcompile.kernels.lowbit_reference import quantize_weight_per_channel_bits
 from qcompile.options import duquant_block_size
 from qcompile.passes import rotate as rotate_mod
 from qcompile.passes import smooth as smooth_mod
 from qcompile.passes.verify import LowbitVerifyError
 from qcompile.transforms import random_orthogonal
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "one_thread")
 F64 = torch.float64
 LOWBIT_RECIPES = [
     "w4a4-duquant",
@@ -52,15 +48,6 @@ LOWBIT_RECIPES = [
     "w4a4-hadamard",
 ]
 EXACT_PASSES = ("fusion_analysis", "smooth", "rotate")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP threads only contend (10x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # options -----------------------------------------------------------------------
@@ -139,7 +126,7 @@ def test_clip_search_never_worse_than_absmax():
     x = torch.randn(50, 64, generator=g, dtype=F64)
     for sample in (None, x):
         ratios = search_clip_ratios(w, 4, sample)
-        assert ratios.shape == (24,) and set(ratios.tolist()) <= set(lowbit_act.CLIP_RATIOS)
+        assert ratios.shape == (24,) and set(ratios.tolist()) <= set(clip_search.CLIP_RATIOS)
 
         def err(clip, sample=sample):
             q, s = quantize_weight_per_channel_bits(w, 4, clip)

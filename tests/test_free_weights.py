@@ -18,11 +18,12 @@ from helpers import TinySpec, build_model, eager_logits, input_ids
 import qcompile
 from qcompile import artifacts
 from qcompile.kernels import cpu_packed, cpu_weight_only
+from qcompile.lowering import derived
 from qcompile.passes import quantize_lowbit as quantize_lowbit_mod
 from qcompile.passes import rotate as rotate_mod
 from qcompile.passes import smooth as smooth_mod
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "one_thread")
 
 SPEC = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
 LINEAR_BYTES = 4 * (4 * 32 * 32 + 3 * 32 * 64 + 64 * 32 - 2 * 16 * 32)  # q,o + k,v + mlp + head
@@ -44,15 +45,6 @@ def options(recipe: str, calibration, **extra) -> dict:
     if recipe.endswith("duquant"):
         opts.setdefault("duquant", {"block_size": 16})  # two-stage rotations, P0
     return opts
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -324,25 +316,25 @@ def test_weight_only_products_compacted_to_the_cpu_layout_and_still_saved(
     assert all(torch.equal(o, ref) for o in outs)
     up = model.model.layers[0].mlp.up_proj.weight
     (art,) = artifacts.artifacts_of(up)
-    cpu_layout = next(v for k, v in art.derived.items() if k[0] == "cpu")
+    cpu_layout = next(v for k, v in derived.layouts(art).items() if k[0] == "cpu")
     probe = (torch.arange(64 * 64) % 16).to(torch.uint8).reshape(64, 64)
     if kernels == "packed":
         assert set(cpu_layout) == {"packed", "scales16", "zeros8"}
         stored = art.tensors["packed"].untyped_storage().data_ptr()
         assert cpu_layout["packed"].untyped_storage().data_ptr() == stored  # read as stored
-        assert art.compacted and set(art.tensors) == {"packed"}
-        rebuilt = artifacts.products(art)
+        assert derived.is_compacted(art) and set(art.tensors) == {"packed"}
+        rebuilt = derived.products(art)
         assert rebuilt["scales"].dtype == torch.float32 and rebuilt["zeros"].dtype == torch.float32
     elif cpu_weight_only._pack_int4_checked(probe)[1]:
         layout = {"w4", "sz"} if bits == 4 else {"w4_hi", "w4_lo", "sz_hi", "sz_lo", "zs"}
-        assert art.compacted and "packed" not in art.tensors
+        assert derived.is_compacted(art) and "packed" not in art.tensors
         assert set(cpu_layout) == layout
-        rebuilt = artifacts.products(art)["packed"]
+        rebuilt = derived.products(art)["packed"]
         assert rebuilt.dtype == torch.int32 and rebuilt.shape[0] == up.shape[0]
     else:  # this CPU's int4 layout is not the one lowbit reads back (AVX2): codes kept
         layout = {"w4", "sz"} if bits == 4 else {"w4_hi", "w4_lo", "sz_hi", "sz_lo", "zs"}
         assert set(cpu_layout) == layout | {"codes"}
-        assert not art.compacted and "packed" in art.tensors
+        assert not derived.is_compacted(art) and "packed" in art.tensors
 
     path = tmp_path / "w4.safetensors"
     qcompile.save(model, path)

@@ -1,5 +1,5 @@
 """The fused CPU transform + quantization kernel (kernels/cpu_lowbit.py) against its
-reference ``lowbit_act.rotate_quantize_rows_bits`` (issue 3), on ragged shapes: token
+reference ``lowbit_reference.rotate_quantize_rows_bits`` (issue 3), on ragged shapes: token
 counts that are not a multiple of the 16-row tile (decode's single token included),
 remainder blocks, each stage optional, bits 4 / 6 / 8, several leading dimensions.
 
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from qcompile.kernels import cpu_lowbit
 from qcompile.kernels import lowbit_act as la
+from qcompile.kernels import lowbit_reference as lr
 from qcompile.transforms import random_orthogonal
 
 
@@ -73,7 +74,7 @@ def test_fp32_matches_reference(m, k, block, bits, second, permute, seed):
     transform = _transform(k, block, seed, second, permute)
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(seed)) * 3
     q, s, amx = _fused(x, transform, bits, torch.float32)
-    q_ref, s_ref = la.rotate_quantize_rows_bits(x, *transform, bits)
+    q_ref, s_ref = lr.rotate_quantize_rows_bits(x, *transform, bits)
     assert not amx and q.shape == q_ref.shape and s.shape == s_ref.shape == (2, m, 1)
     torch.testing.assert_close(s, s_ref, rtol=4e-7 * k, atol=0)
     differ = q != q_ref
@@ -90,7 +91,7 @@ def test_exact_sums_are_bit_exact(k, block, dtype):
     x = torch.randint(-20, 21, (33, k), generator=torch.Generator().manual_seed(k)).float()
     for bits in (4, 6, 8):
         q, s, _ = _fused(x, transform, bits, dtype)
-        q_ref, s_ref = la.rotate_quantize_rows_bits(x, *transform, bits)
+        q_ref, s_ref = lr.rotate_quantize_rows_bits(x, *transform, bits)
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
@@ -162,7 +163,7 @@ def test_a_nan_row_gets_a_nan_scale(k, block, dtype):
         for bits in (4, 8):
             q, s, _ = _fused(bad, transform, bits, dtype)
             q_ok, s_ok, _ = _fused(x, transform, bits, dtype)
-            _, s_ref = la.rotate_quantize_rows_bits(bad, *transform, bits)
+            _, s_ref = lr.rotate_quantize_rows_bits(bad, *transform, bits)
             nan_rows = torch.isnan(s_ref.flatten())
             assert nan_rows.tolist() == [r in (4, 11) for r in range(19)]
             assert torch.equal(torch.isnan(s.flatten()), nan_rows)

@@ -33,13 +33,17 @@ from hypothesis import strategies as st  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.kernels import lowbit_act as la  # noqa: E402
+from qcompile.kernels import lowbit_reference as lr  # noqa: E402
+from qcompile.kernels import (
+    packing,  # noqa: E402
+    triton_int8,  # noqa: E402
+)
 from qcompile.kernels import reference as ref  # noqa: E402
-from qcompile.kernels import triton_int8  # noqa: E402
 from qcompile.kernels import triton_lowbit as tlb  # noqa: E402
 from qcompile.transforms import random_orthogonal  # noqa: E402
 
 ok, why = triton_int8.triton_available()
-pytestmark = pytest.mark.skipif(not ok, reason=why)
+pytestmark = [pytest.mark.skipif(not ok, reason=why), pytest.mark.usefixtures("one_thread")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = settings(max_examples=12, deadline=None)
@@ -49,15 +53,6 @@ TOL = {  # (rtol, atol) of the dequantized GEMM output; outputs here are O(1)
     torch.bfloat16: (1.6e-2, 1e-2),
     torch.float64: (1e-12, 1e-12),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -76,26 +71,26 @@ def _gen(seed: int) -> torch.Generator:
 def test_pack_unpack_int4_are_exact_inverses(lead, k, seed):
     g = _gen(seed)
     q = torch.randint(-8, 8, (*lead, k), generator=g, dtype=torch.int8)
-    p = la.pack_int4(q)
+    p = packing.pack_int4(q)
     assert p.dtype == torch.int8 and p.shape == (*lead, (k + 1) // 2)
-    assert torch.equal(la.unpack_int4(p, k), q)
+    assert torch.equal(packing.unpack_int4(p, k), q)
     if k % 2:  # the padding nibble is zero
         assert bool(((p[..., -1].to(torch.int16) >> 4) == 0).all())
     # every byte is a valid pair: unpack is a bijection on bytes
     b = torch.randint(-128, 128, (*lead, (k + 1) // 2), generator=g, dtype=torch.int8)
-    assert torch.equal(la.pack_int4(la.unpack_int4(b, 2 * b.shape[-1])), b)
+    assert torch.equal(packing.pack_int4(packing.unpack_int4(b, 2 * b.shape[-1])), b)
 
 
 def test_int4_nibble_layout_and_errors():
     # element 2j in the low nibble, 2j + 1 in the high nibble, two's complement
-    p = la.pack_int4(torch.tensor([1, -2, 7, -8, -1], dtype=torch.int8))
+    p = packing.pack_int4(torch.tensor([1, -2, 7, -8, -1], dtype=torch.int8))
     assert [v & 0xFF for v in p.tolist()] == [0xE1, 0x87, 0x0F]
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
-        la.pack_int4(torch.tensor([8]))
+        packing.pack_int4(torch.tensor([8]))
     with pytest.raises(ValueError, match="bytes per row"):
-        la.unpack_int4(p, 7)
+        packing.unpack_int4(p, 7)
     with pytest.raises(TypeError):
-        la.pack_int4(torch.zeros(4))
+        packing.pack_int4(torch.zeros(4))
 
 
 # --------------------------------------------------------------------------- fused transform
@@ -125,11 +120,11 @@ def _quantize_both(x, args, bits, pack, block_t=None):
     """(kernel, reference) codes unpacked to [..., K], and scales."""
     k = x.shape[-1]
     q, s = tlb.rotate_quantize_rows_bits_triton_from_blocks(x, *args, bits, pack, block_t)
-    q_ref, s_ref = la.rotate_quantize_rows_bits(x.cpu(), *[_cpu(a) for a in args], bits, pack)
+    q_ref, s_ref = lr.rotate_quantize_rows_bits(x.cpu(), *[_cpu(a) for a in args], bits, pack)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert q.shape == q_ref.shape and s.shape == s_ref.shape == (*x.shape[:-1], 1)
     if pack:
-        q, q_ref = la.unpack_int4(q.cpu(), k), la.unpack_int4(q_ref, k)
+        q, q_ref = packing.unpack_int4(q.cpu(), k), packing.unpack_int4(q_ref, k)
     return q.cpu(), q_ref, s.cpu(), s_ref
 
 
@@ -269,7 +264,7 @@ def test_int4_gemm_exact_accumulator_and_epilogue(M, N, K, dtype, has_bias, seed
     g = _gen(seed)
     q = torch.randint(-8, 8, (M, K), generator=g, dtype=torch.int8)
     w = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
-    qp, wp = la.pack_int4(q).to(DEVICE), la.pack_int4(w).to(DEVICE)
+    qp, wp = packing.pack_int4(q).to(DEVICE), packing.pack_int4(w).to(DEVICE)
     acc = tlb.int4_matmul_int32_triton(qp, wp)
     assert acc.dtype == torch.int32
     torch.testing.assert_close(acc.cpu(), ref.int8_matmul_int32(q, w), rtol=0, atol=0)
@@ -278,7 +273,7 @@ def test_int4_gemm_exact_accumulator_and_epilogue(M, N, K, dtype, has_bias, seed
     w_scale = (torch.rand(N, generator=g) * 0.05 + 1e-3).to(DEVICE)
     bias = (torch.randn(N, generator=g).to(dtype).to(DEVICE)) if has_bias else None
     out = tlb.int4_linear_triton_impl(qp, x_scale, wp, w_scale, bias, dtype)
-    expect = la.int4_linear(qp.cpu(), x_scale.cpu(), wp.cpu(), w_scale.cpu(), _cpu(bias), dtype)
+    expect = lr.int4_linear(qp.cpu(), x_scale.cpu(), wp.cpu(), w_scale.cpu(), _cpu(bias), dtype)
     assert out.dtype == dtype and out.shape == (M, N)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.cpu(), expect, rtol=rtol, atol=atol)
@@ -288,7 +283,7 @@ def test_int4_gemm_leading_dims_errors_and_ops():
     g = _gen(7)
     q = torch.randint(-7, 8, (2, 3, 9), generator=g, dtype=torch.int8)
     w = torch.randint(-7, 8, (6, 9), generator=g, dtype=torch.int8)
-    qp, wp = la.pack_int4(q), la.pack_int4(w)
+    qp, wp = packing.pack_int4(q), packing.pack_int4(w)
     xs, ws = torch.rand(2, 3, 1, generator=g), torch.rand(6, generator=g)
     out = torch.ops.lowbit.int4_linear_triton(qp, xs, wp, ws, None, torch.float32)
     expect = ref.int8_linear(q, xs, w, ws, None, None, torch.float32)
@@ -370,7 +365,7 @@ def test_cpu_fused_transform_operands(tiny):
     has it (the error against the fp model within 10% of fp32 operands'); W4A8 and
     'activation' keep fp32 operands; 'bfloat16' asks for AMX."""
     from qcompile.kernels import cpu_lowbit
-    from qcompile.lowering.lower import _cpu_has_native_bf16
+    from qcompile.lowering.fuse_cpu import _cpu_has_native_bf16
 
     spec, cal, traced = tiny
     groups = 4 * spec.layers + 1
@@ -405,7 +400,7 @@ def test_cpu_fused_transform_prologues(tiny, monkeypatch, dtype):
     from qcompile.backend import lowbit_backend
     from qcompile.kernels.cpu_int8 import int8_linear
     from qcompile.kernels.cpu_lowbit import swiglu_rotate_quantize_rows_bits_cpu
-    from qcompile.lowering import lower, rms_norm_prologue
+    from qcompile.lowering import fuse_cpu, rms_norm_prologue
 
     spec, cal, traced = tiny
     opts = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 32},
@@ -430,8 +425,8 @@ def test_cpu_fused_transform_prologues(tiny, monkeypatch, dtype):
         return traced.call(fn), counts
 
     out, counts = lowered()
-    monkeypatch.setattr(lower, "NORM_PROLOGUE", False)
-    monkeypatch.setattr(lower, "SWIGLU_PROLOGUE", False)
+    monkeypatch.setattr(fuse_cpu, "NORM_PROLOGUE", False)
+    monkeypatch.setattr(fuse_cpu, "SWIGLU_PROLOGUE", False)
     out_off, counts_off = lowered()
     layers, sites = spec.layers, 7 * spec.layers + 1
     assert counts_off == {"fused": 4 * layers + 1, "swiglu": 0, "linears": sites,
@@ -451,7 +446,7 @@ def test_cpu_unfused_transform_dtype(tiny, monkeypatch):
     then copied channels-major, so gate_proj and up_proj compute their outputs in that
     layout (or not, with ``CHANNELS_MAJOR_PRODUCERS`` off: same result)."""
     from qcompile.kernels import cpu_lowbit
-    from qcompile.lowering import lower
+    from qcompile.lowering import fuse_cpu
 
     spec, cal, traced = tiny
     groups = 4 * spec.layers + 1
@@ -467,7 +462,7 @@ def test_cpu_unfused_transform_dtype(tiny, monkeypatch):
     assert kinds == {("unfused", torch.bfloat16): groups, "channels-major": 2 * spec.layers}
     assert not torch.equal(out16, out32)
     assert rel_err(out16, traced.eager) < 1.1 * rel_err(out32, traced.eager)
-    monkeypatch.setattr(lower, "CHANNELS_MAJOR_PRODUCERS", False)
+    monkeypatch.setattr(fuse_cpu, "CHANNELS_MAJOR_PRODUCERS", False)
     out_rows, kinds = _cpu_transforms(traced, {**base, "cpu_transform_dtype": "bfloat16"})
     assert kinds == {("unfused", torch.bfloat16): groups}
     torch.testing.assert_close(out_rows, out16, rtol=1e-5, atol=1e-5)

@@ -12,9 +12,9 @@ import struct
 
 import pytest
 import torch
-from helpers import TinySpec, build_model, input_ids
+from helpers import TinySpec, build_model, input_ids, llama_config
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import qcompile
 from qcompile import artifacts, serialize
@@ -22,7 +22,7 @@ from qcompile.passes import quantize_lowbit as quantize_lowbit_mod
 from qcompile.passes import rotate as rotate_mod
 from qcompile.passes import smooth as smooth_mod
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "one_thread")
 
 SPEC = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=False)
 CALIBRATION_WARNING = "calibrating on this graph's example inputs"
@@ -41,15 +41,6 @@ def recipe_options(recipe: str) -> dict:
     return opts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def compiled_logits(model, ids, options) -> torch.Tensor:
     torch._dynamo.reset()
     with torch.no_grad():
@@ -58,20 +49,7 @@ def compiled_logits(model, ids, options) -> torch.Tensor:
 
 def meta_model(spec: TinySpec = SPEC):
     with torch.device("meta"):
-        return LlamaForCausalLM(LlamaConfig(**config_kwargs(spec))).eval()
-
-
-def config_kwargs(spec: TinySpec) -> dict:
-    return dict(
-        vocab_size=spec.vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=64,
-        tie_word_embeddings=spec.tied,
-    )
+        return LlamaForCausalLM(llama_config(spec)).eval()
 
 
 def snapshot(model) -> dict:

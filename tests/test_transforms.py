@@ -36,15 +36,7 @@ from qcompile.transforms import (
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=20, deadline=None)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small float64 matmuls are much faster single-threaded on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_orthogonal(m: torch.Tensor, atol: float = 1e-10) -> None:
