@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.graph_utils import MUL_TARGETS, SILU_TARGETS
+from qcompile.graph_utils import SILU_TARGETS, gated_product
 
 
 @dataclass
@@ -41,13 +41,10 @@ class SwigluInput:
 
 def match(x: fx.Node) -> SwigluInput | None:
     """The SwiGLU producing ``x``, or None."""
-    if not _single_use_call(x, MUL_TARGETS) or len(x.args) != 2:
+    factors = gated_product(x, _is_silu) if len(x.users) == 1 else None
+    if factors is None or factors[0][1] is None and factors[1][1] is None:
         return None
-    a, b = x.args
-    act, up = (a, b) if _is_silu(a) else (b, a) if _is_silu(b) else (None, None)
-    if act is None:
-        return None
-    gate = act.args[0]
+    (gate, act), up = (factors[0], x.args[1]) if factors[0][1] else (factors[1], x.args[0])
     if not (_plain_linear(gate) and _plain_linear(up)):
         return None
     if not all(_same_value(a, b) for a, b in zip(gate.args[:2], up.args[:2])):

@@ -27,6 +27,7 @@ from qcompile.graph_utils import (
     ACTIVATIONS,
     FUSION,
     INPUT_GROUP,
+    gated_product,
     is_mul,
     param_tensor,
     vector_factor,
@@ -217,12 +218,9 @@ def _decide_fusion(g: InputGroup, ctx: PassContext) -> None:
         # SwiGLU: act(linear_a(x)) * linear_b(x)
         sites_by_node = {s.node: s for s in ctx.sites if not s.skip_reason}
         factors = []
-        for a in prod.args:
-            if not isinstance(a, fx.Node):
-                break
-            act = None
-            if a not in sites_by_node and _is_activation(a) and isinstance(a.args[0], fx.Node):
-                act, a = a, a.args[0]
+        for a, act in (
+            gated_product(prod, lambda n: n not in sites_by_node and _is_activation(n)) or []
+        ):
             site = sites_by_node.get(a)
             if site is None or not _bias_is_foldable(site):
                 break

@@ -21,27 +21,9 @@ products here. Each :class:`Artifact` has a kind (``key["kind"]``), whose tensor
   replaces it in the graph (``FoldedCopy``); ``key["plans"]`` names the plans it was
   folded with.
 
-``key``: what the products depend on besides the parameter (recipe, weight shape and
-dtype, and per recipe family the options that matter: outlier mode and threshold;
-scale dtype and GPTQ settings; the ``duquant`` settings and the activation dtype).
-``meta``: the plan (outlier channels, bits, group size, method, SQNR, bits per weight,
-transforms). The graphs' buffers share the tensors' storage, so prefill and decode
-graphs hold one copy.
-
-Reuse rules (``lookup``; the transform plans apply them per input group, see
-``passes/_plans.py``):
-
-* the weight was released (``free_weights`` or ``qcompile.load``: a zero-memory
-  placeholder, see ``placeholder``): the products whose key matches are used, and
-  nothing is computed from the placeholder; no match is a ``ValueError``;
-* the products are *pinned* (loaded from a file, or their weight is shared with a
-  module that keeps it, e.g. a tied embedding) and the weight is unchanged since:
-  they are used as they are (no calibration needed);
-* otherwise they are reused only while the weight is unchanged (same storage and
-  version counter) and the calibration-dependent inputs match (the same outlier
-  channels; for GPTQ the same ``SiteStats`` object; for a transform plan the same
-  ``SiteStats`` and every member weight unchanged). Else the pass recomputes and
-  replaces them.
+``key``: what the products depend on besides the parameter (``site_key``); ``meta``:
+how they were made (outlier channels, bits, group size, method, SQNR, transforms). The
+graphs' buffers share the tensors' storage, so prefill and decode graphs hold one copy.
 """
 
 from __future__ import annotations
@@ -131,7 +113,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def site_key(site, ctx) -> dict:
-    """What a site's products depend on besides the weight and the calibration."""
+    """What a site's products depend on besides the weight and the calibration: the
+    recipe, the weight's shape and dtype, and per family the options that matter
+    (outlier mode and threshold; scale dtype and GPTQ settings; the ``duquant``
+    settings and the activation dtype)."""
     recipe = get_recipe(site.scheme)
     param = site.param if site.param is not None else site.weight
     layout, expert = getattr(site, "layout", OUT_IN), getattr(site, "expert", None)
@@ -237,7 +222,20 @@ def tracked(site) -> bool:
 
 
 def lookup(site, ctx, deps: Any = None) -> Artifact | None:
-    """The stored products for ``site`` under the current options, if they may be reused.
+    """The stored products for ``site`` under the current options, if they may be reused
+    (the transform plans apply these rules per input group: ``passes/_plans.py``):
+
+    * the weight was released (``free_weights`` or ``qcompile.load``: a zero-memory
+      placeholder, see ``placeholder``): the products whose key matches are used, and
+      nothing is computed from the placeholder; no match is a ``ValueError``;
+    * the products are *pinned* (loaded from a file, or their weight is shared with a
+      module that keeps it, e.g. a tied embedding) and the weight is unchanged since:
+      they are used as they are (no calibration needed);
+    * otherwise they are reused only while the weight is unchanged (same storage and
+      version counter) and the calibration-dependent inputs match (the same outlier
+      channels; for GPTQ the same ``SiteStats`` object; for a transform plan the same
+      ``SiteStats`` and every member weight unchanged). Else the pass recomputes and
+      replaces them.
 
     ``deps``: the calibration-dependent inputs the caller would compute from
     (ignored for released weights and pinned products). Raises ``ValueError`` when

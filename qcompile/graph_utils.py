@@ -83,6 +83,25 @@ def vector_factor(
     return None
 
 
+def gated_product(
+    n, is_activation: Callable[[fx.Node], bool]
+) -> list[tuple[fx.Node, fx.Node | None]] | None:
+    """Per operand of a two-operand product ``n`` (``act(a) * b``: the gated MLPs,
+    SwiGLU's ``silu(gate) * up``, as fusion_analysis folds into and the CPU SwiGLU
+    prologue computes): ``(inner, act)``, with ``act`` the operand when
+    ``is_activation`` accepts it (a call on one node, ``inner`` its input), else
+    ``(operand, None)``. None when ``n`` is no product of two nodes."""
+    if not is_mul(n) or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    factors = []
+    for a in n.args:
+        if is_activation(a) and isinstance(a.args[0], fx.Node):
+            factors.append((a.args[0], a))
+        else:
+            factors.append((a, None))
+    return factors
+
+
 # constants -------------------------------------------------------------------------
 def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
     """Store ``value`` as a new buffer of ``gm`` and return a get_attr node for it.
