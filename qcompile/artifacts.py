@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import products as _products
 from .matmul_modules import IN_OUT, OUT_IN
+from .products import dtype_name
 from .recipes import LOW_BIT, get_recipe
 
 # Parameter -> {canonical key json -> Artifact}
@@ -106,10 +107,6 @@ def fingerprint(t: torch.Tensor) -> tuple:
 def act_dtype(site) -> torch.dtype:
     out = site.node.meta.get("example_value")
     return out.dtype if isinstance(out, torch.Tensor) else site.weight.dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def site_key(site, ctx) -> dict:

@@ -2,8 +2,8 @@
 and ``qcompile.file_read`` (reading, validation).
 
 Invariant: a file names every parameter and buffer by its first name in
-``named_modules`` order (``_groups``: tied ones are one group) and carries a SHA-256
-(``_digest``) of its JSON plan and of every tensor, computed the same way on both sides.
+``named_modules`` order (``param_groups``: tied ones are one group) and carries a SHA-256
+(``digest``) of its JSON plan and of every tensor, computed the same way on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from . import memory, safetensors_writer
 from .matmul_modules import is_expert_tensor, is_matmul_module
-from .products import NO_GROUP
+from .products import NO_GROUP, dtype_name
 
 __all__ = ["NO_GROUP"]
 
@@ -27,7 +27,7 @@ VERSION = 2  # 2: the DuQuant family's "plan" and "folded" products (1: site pro
 READABLE_VERSIONS = (1, 2)
 WEIGHTS_NAME = "lowbit.safetensors"  # the lowbit file inside a model folder
 FOLDER_CONFIG = "lowbit_config.json"  # a model folder's compile options and source
-_DTYPES = {
+DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (
         torch.float64,
@@ -45,7 +45,7 @@ _DTYPES = {
 
 
 @dataclass
-class _Group:
+class ParamGroup:
     """One parameter or buffer of a model, with every name and module that holds it."""
 
     name: str  # first name in named_modules order
@@ -77,7 +77,7 @@ class _Group:
         )
 
 
-def _unwrap(model):
+def unwrap(model):
     while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         model = model._orig_mod  # torch.compile(model) -> OptimizedModule
     if not isinstance(model, torch.nn.Module):
@@ -85,10 +85,10 @@ def _unwrap(model):
     return model
 
 
-def _groups(model: torch.nn.Module) -> dict[str, _Group]:
+def param_groups(model: torch.nn.Module) -> dict[str, ParamGroup]:
     """Alias name -> group, for every parameter and buffer (tied ones share a group)."""
-    by_id: dict[int, _Group] = {}
-    by_name: dict[str, _Group] = {}
+    by_id: dict[int, ParamGroup] = {}
+    by_name: dict[str, ParamGroup] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
             for attr, t in table.items():
@@ -97,7 +97,7 @@ def _groups(model: torch.nn.Module) -> dict[str, _Group]:
                 name = f"{mod_name}.{attr}" if mod_name else attr
                 g = by_id.get(id(t))
                 if g is None:
-                    g = by_id[id(t)] = _Group(name, kind, t)
+                    g = by_id[id(t)] = ParamGroup(name, kind, t)
                     if kind == "buffer":
                         g.persistent = attr not in mod._non_persistent_buffers_set
                 if name not in g.aliases:
@@ -108,7 +108,7 @@ def _groups(model: torch.nn.Module) -> dict[str, _Group]:
     return by_name
 
 
-def _unique(groups: dict[str, _Group]) -> list[_Group]:
+def unique_groups(groups: dict[str, ParamGroup]) -> list[ParamGroup]:
     seen, out = set(), []
     for g in groups.values():
         if id(g) not in seen:
@@ -117,33 +117,29 @@ def _unique(groups: dict[str, _Group]) -> list[_Group]:
     return out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _clean(v):
+def json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
-def _config_dict(model) -> dict | None:
+def config_dict(model) -> dict | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
     return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def _digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
+def digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(plan_json.encode())
     ranges = memory.file_mapped_ranges()
     for name in sorted(tensors):
         t = tensors[name]
-        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{tuple(t.shape)}\0".encode())
+        h.update(f"\0{name}\0{dtype_name(t.dtype)}\0{tuple(t.shape)}\0".encode())
         for piece in safetensors_writer.tensor_bytes(t, ranges):  # in place, no copy
             h.update(piece.numpy().data)
     return h.hexdigest()

@@ -20,11 +20,11 @@ from .file_format import (
     FORMAT,
     NO_GROUP,
     READABLE_VERSIONS,
-    _config_dict,
-    _digest,
-    _dtype_name,
-    _Group,
-    _unique,
+    ParamGroup,
+    config_dict,
+    digest,
+    dtype_name,
+    unique_groups,
     weights_file,
 )
 from .recipes import RECIPES
@@ -105,7 +105,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise _bad(path, f"cannot read the tensors ({e})") from None
-    if _digest(meta["lowbit"], tensors) != meta["lowbit_sha256"]:
+    if digest(meta["lowbit"], tensors) != meta["lowbit_sha256"]:
         raise _bad(path, "checksum mismatch: the file is corrupt")
     try:
         listed = plan["tensors"]
@@ -113,7 +113,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             raise _bad(path, "the plan does not describe the file's tensors")
         for name, spec in listed.items():
             t = tensors[name]
-            if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"]:
+            if list(t.shape) != spec["shape"] or dtype_name(t.dtype) != spec["dtype"]:
                 raise _bad(path, f"tensor {name} does not match the plan")
     except (KeyError, TypeError) as e:
         raise _bad(path, f"incomplete plan (missing {e})") from None
@@ -131,7 +131,7 @@ _VOLATILE_CONFIG = (
 
 def _config_hint(plan: dict, model) -> str:
     """`` (config differs: hidden_size 32 in the file, 48 in the model)`` or ``''``."""
-    saved, now = plan.get("config"), _config_dict(model)
+    saved, now = plan.get("config"), config_dict(model)
     if not isinstance(saved, dict) or now is None:
         return ""
     diff = [
@@ -142,7 +142,7 @@ def _config_hint(plan: dict, model) -> str:
     return f" (config differs: {'; '.join(diff[:4])})" if diff else ""
 
 
-def _validate(path: str, plan: dict, tensors: dict, model, groups: dict[str, _Group]) -> None:
+def _validate(path: str, plan: dict, tensors: dict, model, groups: dict[str, ParamGroup]) -> None:
     cls = type(model).__name__
     if plan.get("model_class") != cls:
         raise _bad(path, f"written for a {plan.get('model_class')}, not this {cls}")
@@ -152,7 +152,7 @@ def _validate(path: str, plan: dict, tensors: dict, model, groups: dict[str, _Gr
         raise ValueError(str(e) + _config_hint(plan, model)) from None
 
 
-def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Group]) -> None:
+def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, ParamGroup]) -> None:
     covered: set[int] = set()
     found_plans: dict[str, tuple] = {}  # plan id -> (tensor names, first holder)
     named_plans: dict[str, str] = {}  # plan id -> a product that names it
@@ -173,10 +173,10 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
                     f"{name} is shared by {sorted(aliases)} in the file but by "
                     f"{sorted(g.aliases)} in the model (tied weights differ)",
                 )
-            if list(g.tensor.shape) != shape or _dtype_name(g.tensor.dtype) != dtype:
+            if list(g.tensor.shape) != shape or dtype_name(g.tensor.dtype) != dtype:
                 raise _bad(
                     path,
-                    f"{name} is {dtype}{shape} in the file but {_dtype_name(g.tensor.dtype)}"
+                    f"{name} is {dtype}{shape} in the file but {dtype_name(g.tensor.dtype)}"
                     f"{list(g.tensor.shape)} in the model (another configuration or dtype?)",
                 )
             if id(g) in covered:
@@ -205,7 +205,7 @@ def _check_entries(path: str, plan: dict, tensors: dict, groups: dict[str, _Grou
             except (KeyError, TypeError, AttributeError) as err:
                 raise _bad(path, f"the products of {name} are malformed ({err!r})") from None
     _check_plan_references(path, plan, found_plans, named_plans)
-    missing = [g.name for g in _unique(groups) if id(g) not in covered]
+    missing = [g.name for g in unique_groups(groups) if id(g) not in covered]
     if missing:
         raise _bad(
             path,

@@ -66,7 +66,7 @@ def save(
         serialize.save(model, path)
         return
     folder = Path(path)
-    root = serialize._unwrap(model)
+    root = serialize.unwrap(model)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / serialize.WEIGHTS_NAME
     serialize.save(root, weights)

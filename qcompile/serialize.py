@@ -42,21 +42,21 @@ import torch
 
 from . import artifacts, release, safetensors_writer
 from .file_format import (
-    _DTYPES,
+    DTYPES,
     FOLDER_CONFIG,
     FORMAT,
     NO_GROUP,
     READABLE_VERSIONS,
     VERSION,
     WEIGHTS_NAME,
-    _clean,
-    _config_dict,
-    _digest,
-    _dtype_name,
-    _Group,
-    _groups,
-    _unique,
-    _unwrap,
+    ParamGroup,
+    config_dict,
+    digest,
+    dtype_name,
+    json_safe,
+    param_groups,
+    unique_groups,
+    unwrap,
     weights_file,
 )
 from .file_read import _read, _validate, read, read_plan
@@ -68,9 +68,9 @@ __all__ = [
     "READABLE_VERSIONS",
     "VERSION",
     "WEIGHTS_NAME",
-    "_DTYPES",
-    "_digest",
-    "_unwrap",
+    "DTYPES",
+    "digest",
+    "unwrap",
     "load",
     "read",
     "read_plan",
@@ -106,7 +106,7 @@ def _latest(arts) -> list[artifacts.Artifact]:
     return out
 
 
-def _used_artifacts(groups: list[_Group]) -> dict[int, list[artifacts.Artifact]]:
+def _used_artifacts(groups: list[ParamGroup]) -> dict[int, list[artifacts.Artifact]]:
     """Per group (``id``), the products the model uses now: per linear site the most
     recently used product that replaced or folded its weight, the transform plans those
     were built with (under every linear that holds them), and per other parameter the
@@ -147,7 +147,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
     ``model.compile(...)``) and run at least once. ``ValueError`` when lowbit has
     quantized nothing of it, or a quantized weight changed since it was compiled.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     tensors: dict[str, torch.Tensor] = {}
     fp_plan: dict[str, dict] = {}
     q_plan: dict[str, dict] = {}
@@ -170,13 +170,13 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
             written[same] = name
         return name
 
-    unique = _unique(_groups(model))
+    unique = unique_groups(param_groups(model))
     used = _used_artifacts(unique)
     for g in unique:
         entry = {
             "kind": g.kind,
             "shape": list(g.tensor.shape),
-            "dtype": _dtype_name(g.tensor.dtype),
+            "dtype": dtype_name(g.tensor.dtype),
             "aliases": g.aliases,
         }
         if g.kind == "parameter":
@@ -217,7 +217,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
         entry["artifacts"] = [
             {
                 "key": art.key,
-                "meta": _clean(art.meta),
+                "meta": json_safe(art.meta),
                 "sites": sorted(art.sites),
                 "tensors": {
                     role: put(f"q/{g.name}/{i}/{role}", t, share=True)
@@ -245,18 +245,18 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
         "format": FORMAT,
         "version": VERSION,
         "model_class": type(model).__name__,
-        "config": _config_dict(model),
+        "config": config_dict(model),
         "recipes": recipes,
         "fp": fp_plan,
         "quantized": q_plan,
         "plans": plans,
         "tensors": {
-            n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in tensors.items()
+            n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in tensors.items()
         },
         "data_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
     plan_json = json.dumps(plan, sort_keys=True)
-    metadata = {"lowbit": plan_json, "lowbit_sha256": _digest(plan_json, tensors)}
+    metadata = {"lowbit": plan_json, "lowbit_sha256": digest(plan_json, tensors)}
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -269,7 +269,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def _plan_summary(art: artifacts.Artifact) -> dict:
     """A transform plan as the file's ``plans`` section lists it (readable, not used)."""
-    m = _clean(art.meta)
+    m = json_safe(art.meta)
     keys = ("transform", "members", "in_features", "block_size", "smooth_into", "perm_into")
     out = {k: m.get(k) for k in keys}
     out["duquant"] = art.key.get("duquant")
@@ -286,7 +286,7 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _assign(g: _Group, value: torch.Tensor) -> torch.Tensor:
+def _assign(g: ParamGroup, value: torch.Tensor) -> torch.Tensor:
     if g.kind == "parameter":
         value = torch.nn.Parameter(value, requires_grad=g.tensor.requires_grad)
     for _, mod, attr in g.owners:
@@ -307,8 +307,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, device=None) -> tor
     """
     path = os.fspath(path)
     plan, tensors = _read(path)
-    root = _unwrap(model)
-    groups = _groups(root)
+    root = unwrap(model)
+    groups = param_groups(root)
     _validate(path, plan, tensors, root, groups)
     device = torch.device(device) if device is not None else _model_device(root)
     moved: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from qcompile import safetensors_writer, serialize
 
-DTYPES = list(serialize._DTYPES.values())  # every dtype a lowbit file holds
+DTYPES = list(serialize.DTYPES.values())  # every dtype a lowbit file holds
 
 
 def _tensor(dtype, shape, seed):

@@ -391,7 +391,7 @@ def resigned(path, tmp_path, edit) -> str:
     plan["data_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
     plan_json = json.dumps(plan, sort_keys=True)
     out = tmp_path / "resigned.safetensors"
-    signature = serialize._digest(plan_json, tensors)
+    signature = serialize.digest(plan_json, tensors)
     save_file(tensors, out, metadata={"lowbit": plan_json, "lowbit_sha256": signature})
     return out
 
