@@ -17,7 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile import artifacts
 from qcompile.context import PassContext
-from qcompile.graph_utils import SITE, add_constant
+from qcompile.graph_utils import SITE, add_constant, drop_constant
 from qcompile.kernels import cpu_weight_only
 from qcompile.kernels.cpu_weight_only import prepack_cpu
 from qcompile.kernels.packing import pack, unpack
@@ -158,6 +158,4 @@ def lower_dequant_linear_cpu(gm: fx.GraphModule, node: fx.Node, ctx: PassContext
     node.args = (x, args, bits, group, bias)
     for old in (packed, scales, zeros):
         if not old.users:
-            gm.graph.erase_node(old)
-            delattr(gm, old.target)
-            gm._param_name_to_source.pop(old.target, None)
+            drop_constant(gm, old)
