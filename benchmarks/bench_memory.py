@@ -5,7 +5,8 @@ module (about 40 MiB of code: the model's, not lowbit's) and qcompile (the basel
 calibrate (only where the recipe needs it: 2 x 256 tokens of the corpus mix, 8 x 512 with
 the Hessian for GPTQ), compile with ``free_weights=True`` and call it once (1 x 128
 tokens), call it again (1 x 64: a second graph), save a model folder; a second fresh
-process loads that folder (``qcompile.from_pretrained``) and calls it once. The
+process loads that folder (``qcompile.from_pretrained``; its tokenizer before the
+baseline) and calls it once. The
 ``--sequential`` recipes run ``qcompile.quantize_sequential`` from the cached safetensors
 checkpoint (tokenizer, 8 x 512 calibration tokens and the model built without weights come
 first, inside the figures), and their folder is loaded the same way. A third row,
@@ -113,9 +114,9 @@ def child_load(folder: str) -> dict:
     import qcompile
     from qcompile import corpus
 
+    tok = transformers.AutoTokenizer.from_pretrained(folder)  # in the baseline: not the model
     phases = Phases()
     model = qcompile.from_pretrained(folder)
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
     phases.mark("load saved folder")
     with torch.no_grad():
         model(corpus.eval_tokens(tok, "reference", 128))
