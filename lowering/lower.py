@@ -3,10 +3,10 @@
 Precondition: the quantizing passes ran (the graph holds ``lowbit::`` ops only where
 sites were quantized). Postcondition: no target-neutral op is left that the target
 has a kernel for; each is replaced by its ``lowering_table`` entry, by a fusion of the
-low-bit sites (``fuse_cpu``, ``fuse_triton``), or by a prepacked weight-only call
-(``lower_dequant_linear_cpu``). Numerical contract: integer GEMM results identical to
-the reference kernels, float epilogues within float32 rounding, fused transforms as
-their kernel modules state. Returns the number of nodes lowered.
+low-bit sites (``fuse_cpu``, ``fuse_triton``), by the one-call int8 decode kernel
+(``int8_decode_cpu``), or by a prepacked weight-only call (``lower_dequant_linear_cpu``).
+Numerical contract: integer GEMM results identical to the reference kernels, float
+epilogues within float32 rounding, fused transforms as their kernel modules state. Returns the number of nodes lowered.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from qcompile.kernels import cpu_int8, lowbit_act
 from .derived import lower_dequant_linear_cpu
 from .fuse_cpu import fuse_lowbit_cpu, lower_block_rotate_cpu
 from .fuse_triton import fuse_lowbit_triton
+from .int8_decode_cpu import lower_int8_decode_cpu
 
 
 def lowering_table(target: str) -> dict:
@@ -52,6 +53,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
     table = lowering_table(ctx.target)
     fuse = fuse_lowbit_triton if ctx.target == "triton" else fuse_lowbit_cpu
     lowered = fuse(gm, ctx)
+    if ctx.target == "cpu":
+        lowered += lower_int8_decode_cpu(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue

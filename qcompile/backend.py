@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import warnings
 import weakref
@@ -80,11 +81,46 @@ def hand_off(gm: fx.GraphModule, example_inputs, handoff: str, inference: bool =
 
     with (
         _dynamic_rows(gm),
+        torch._inductor.config.patch(unsafe_marked_cacheable_functions=_cacheable_kernels(gm)),
         torch.set_grad_enabled(torch.is_grad_enabled() and not inference),
         progress.elapsed("compiling with inductor"),
     ):
         compiled = compile_fx(gm, example_inputs)
     return _without_grad(compiled) if inference else compiled
+
+
+def _cacheable_kernels(gm: fx.GraphModule) -> dict[str, str]:
+    """Inductor's cache markings plus lowbit's kernel functions called in ``gm``, keyed by
+    the hash of lowbit's source (``unsafe_marked_cacheable_functions``: the value is part
+    of the cache key). Without them AOTAutograd's cache refuses a graph that calls plain
+    Python functions, and a second process re-traces every graph (issue 18: time to the
+    first token)."""
+    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        module = getattr(node.target, "__module__", "") or ""
+        if module.startswith("qcompile."):
+            marked[f"{module}.{node.target.__name__}"] = _source_hash()
+    return marked
+
+
+@functools.cache
+def _source_hash() -> str:
+    """A digest of every source file of lowbit's packages (the kernels' code)."""
+    import hashlib
+    from pathlib import Path
+
+    import qcompile.kernels
+    import qcompile.lowering
+    import qcompile.passes
+
+    digest = hashlib.sha256()
+    for package in (qcompile, qcompile.kernels, qcompile.lowering, qcompile.passes):
+        for path in sorted(Path(package.__path__[0]).glob("*")):
+            if path.suffix in (".py", ".cpp"):
+                digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -75,3 +75,29 @@ def test_inductor_handoff_matches_eager_handoff_for_every_recipe(tiny, recipe):
         for row in report.quantized:  # every quantized site's constants were compared
             prefix = "lowbit_" + row.fqn.replace(".", "_") + "_"
             assert any(c.startswith(prefix) for c in constants), row.fqn
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_inductor_cache_serves_another_models_graph_with_its_own_weights():
+    """lowbit's kernel functions are marked cacheable (AOTAutograd's cache: a second process
+    skips re-tracing, issue 18): a second model with the same graph but other weights is
+    served from the cache and still computes with its own weights."""
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, 96, (1, 12))
+    opts = {"recipe": "w8a8"}  # int8 kernels in Python functions; no data-dependent split
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        model = LlamaForCausalLM(cfg).eval()
+        cal = qcompile.calibrate(model, [ids])
+        out = {}
+        for handoff in ("inductor", "eager"):
+            torch._dynamo.reset()
+            options = {**opts, "calibration": cal, "handoff": handoff}
+            with torch.no_grad():
+                out[handoff] = torch.compile(model, backend="lowbit", options=options)(ids).logits
+        torch.testing.assert_close(out["inductor"], out["eager"], rtol=1e-4, atol=1e-4)
+    assert counters["aot_autograd"]["autograd_cache_hit"] > hits

@@ -1,0 +1,67 @@
+"""The int8 recipes' linear for few rows (decode) as one CPU call (``cpu_int8_gemv.cpp``).
+
+Invariant: ``int8_linear_gemv`` computes ``reference.quantize_rows`` followed by
+``reference.int8_linear`` (the same int32 sums and float epilogue, in the same order) plus
+the full-precision outlier partial of ``split_mixed_mm``, whose float sum order alone may
+differ from a BLAS GEMM's. At decode that replaces, per linear, the row quantization, the
+gather of the outlier columns, their float GEMM, ``_int_mm`` and the epilogue: a
+one-token step of ``int8-mixed`` or ``w8a8`` makes one call per linear instead of two
+extern calls and three fused kernels.
+
+The C++ is built on first use by inductor's C++ builder (cached on disk across processes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .reference import EPS
+
+__all__ = ["GEMV_MAX_M", "available", "int8_linear_gemv", "library"]
+
+_SOURCE = Path(__file__).with_name("cpu_int8_gemv.cpp")
+#: rows up to which the one-call kernel replaces ``_int_mm`` (decode; a few beams)
+GEMV_MAX_M = 4
+
+torch.library.define(
+    "lowbit::int8_gemv_cpu",
+    "(Tensor x, Tensor? inlier_mask, Tensor w_q, Tensor w_scale, Tensor? bias, "
+    "Tensor? outlier_idx, Tensor? w_outlier) -> Tensor",
+)
+
+
+@torch.library.register_fake("lowbit::int8_gemv_cpu")
+def _(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=torch.float32)
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """Build (first call on a machine) and load the op; raises inductor's CppCompileError
+    where it cannot be built."""
+    from torch._inductor.codecache import CppCodeCache
+
+    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + _SOURCE.read_text())
+    lib.lowbit_int8_gemv_built_with_avx2.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the op builds and loads here (else the int8 GEMM path stays)."""
+    try:
+        library()
+    except Exception:  # noqa: BLE001 - no compiler, or one that rejects the source
+        return False
+    return True
+
+
+def int8_linear_gemv(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier, out_dtype):
+    """``x [..., K]`` through the int8 linear (and the outlier partial) -> ``[..., N]`` in
+    ``out_dtype``; the operands as ``lowbit::int8_gemv_cpu`` takes them."""
+    y = torch.ops.lowbit.int8_gemv_cpu(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier)
+    return y.to(out_dtype)
