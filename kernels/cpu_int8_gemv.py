@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import EPS
+from . import cpp_build
 
 __all__ = ["GEMV_MAX_M", "available", "int8_linear_gemv", "library"]
 
@@ -41,23 +41,14 @@ def _(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier):
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """Build (first call on a machine) and load the op; raises inductor's CppCompileError
-    where it cannot be built."""
-    from torch._inductor.codecache import CppCodeCache
-
-    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + _SOURCE.read_text())
-    lib.lowbit_int8_gemv_built_with_avx2.restype = ctypes.c_int
-    return lib
+    """Build (first call on a machine) and load the op (``cpp_build.load``)."""
+    return cpp_build.load(_SOURCE, "lowbit_int8_gemv_built_with_avx2")
 
 
 @functools.cache
 def available() -> bool:
     """Whether the op builds and loads here (else the int8 GEMM path stays)."""
-    try:
-        library()
-    except Exception:  # noqa: BLE001 - no compiler, or one that rejects the source
-        return False
-    return True
+    return cpp_build.builds(library)
 
 
 def int8_linear_gemv(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier, out_dtype):

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from . import cpp_build
 from .lowbit_act import qmax_for
-from .reference import EPS, empty_quantized_rows
+from .reference import empty_quantized_rows
 
 __all__ = [
     "CpuRotation",
@@ -85,15 +86,9 @@ def library() -> ctypes.CDLL:
     where it cannot be built.
 
     Registered with the dispatcher, a call costs no Python (a decode step makes one per
-    input node). Built by inductor's C++ builder (its compiler flags for this CPU; cached
-    on disk across processes, like inductor's own kernels: about 15 s once per machine);
-    the lowering calls this before it inserts the op."""
-    from torch._inductor.codecache import CppCodeCache
-
-    # the quantization's absmax floor: one definition, the reference's
-    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + _SOURCE.read_text())
-    lib.lowbit_built_with_amx.restype = ctypes.c_int
-    return lib
+    input node). Built by ``cpp_build.load``; the lowering calls this before it inserts
+    the op."""
+    return cpp_build.load(_SOURCE, "lowbit_built_with_amx")
 
 
 @functools.cache

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import cpp_build
+
 __all__ = [
     "GEMV_MAX_M",
     "available",
@@ -60,23 +62,14 @@ def _(packed, scales, zeros, bits, group, k, dtype):
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """Build (first call on a machine) and load the C++ ops; raises inductor's
-    CppCompileError where they cannot be built."""
-    from torch._inductor.codecache import CppCodeCache
-
-    lib = CppCodeCache.load(_SOURCE.read_text())
-    lib.lowbit_packed_built_with_avx2.restype = ctypes.c_int
-    return lib
+    """Build (first call on a machine) and load the C++ ops (``cpp_build.load``)."""
+    return cpp_build.load(_SOURCE, "lowbit_packed_built_with_avx2")
 
 
 @functools.cache
 def available() -> bool:
     """Whether the ops build and load here (else the caller keeps another path)."""
-    try:
-        library()
-    except Exception:  # noqa: BLE001 - no compiler, or one that rejects the source
-        return False
-    return True
+    return cpp_build.builds(library)
 
 
 # the prefill GEMM's dtype: bf16 where oneDNN multiplies bf16 natively (AVX512-BF16 / AMX)
