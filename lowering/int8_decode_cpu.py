@@ -30,7 +30,7 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
     """Rewrite the decode-sized int8 linears of ``gm``; returns how many (0 where the
     kernel cannot be built here: the int8 GEMM path stays)."""
     graph = gm.graph
-    sites = [n for n in graph.nodes if _is_decode_int8_linear(n)]
+    sites = [n for n in graph.nodes if _is_decode_int8_linear(gm, n)]
     if not sites or not cpu_int8_gemv.available():
         return 0
     # read by the rewritten nodes only: erased after them, readers before what they read
@@ -67,7 +67,7 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
     return len(sites)
 
 
-def _is_decode_int8_linear(node: fx.Node) -> bool:
+def _is_decode_int8_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not torch.ops.lowbit.int8_linear.default:
         return False
     q_item, s_item, w_q, w_scale, bias, _addend, out_dtype = node.args
@@ -78,6 +78,11 @@ def _is_decode_int8_linear(node: fx.Node) -> bool:
     if out_dtype not in _FLOAT_OUT or not all(
         isinstance(n, fx.Node) and n.op == "get_attr" for n in constants
     ):
+        return False
+    w, s = getattr(gm, w_q.target), getattr(gm, w_scale.target)
+    if not (w.dtype == torch.int8 and w.dim() == 2 and w.is_contiguous()):
+        return False  # the kernel's weight layout: [N, K] int8, row-major
+    if not (s.dtype == torch.float32 and s.is_contiguous() and s.numel() == w.shape[0]):
         return False
     val = quantize.args[0].meta.get("example_value", quantize.args[0].meta.get("val"))
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
@@ -118,7 +123,7 @@ def _outlier_operands(gm, addend, x) -> _Outliers | None:
     partial = addend
     if addend.target is torch.narrow:
         partial, dim, start, length = addend.args
-        if dim not in (-1, 1) or not isinstance(start, int) or not isinstance(length, int):
+        if dim != -1 or not isinstance(start, int) or not isinstance(length, int):
             return None
         rows = (start, length)
     if not (isinstance(partial, fx.Node) and partial.target is torch._C._nn.linear):
@@ -130,7 +135,7 @@ def _outlier_operands(gm, addend, x) -> _Outliers | None:
     if not ok or gather.args[0] is not x or gather.args[1] != -1 or w_node.op != "get_attr":
         return None
     idx_node = gather.args[2]
-    if idx_node.op != "get_attr":
+    if idx_node.op != "get_attr" or getattr(gm, idx_node.target).dtype != torch.int64:
         return None
     w = getattr(gm, w_node.target)
     if rows is not None:
