@@ -3,9 +3,9 @@
 Per recipe, three fresh processes share one empty inductor cache folder (a temporary
 one; ``--cache-dir`` keeps it):
 
-1. "compile from fp": load the fp model, calibrate where the recipe needs it (2 x 256
-   tokens of the corpus mix; 8 x 512 with the Hessian for GPTQ), ``torch.compile(backend="lowbit", free_weights=True)``,
-   then the timed calls, then ``qcompile.save``;
+1. "compile from fp": load the fp model, calibrate where the recipe needs it
+   (``timing.recipe_calibration``), ``torch.compile(backend="lowbit",
+   free_weights=True)``, then the timed calls, then ``qcompile.save``;
 2. "load folder, 1st": ``qcompile.from_pretrained`` of that folder, the same calls;
 3. "load folder, 2nd": the same again (every cache as a user's machine keeps it).
 
@@ -38,12 +38,12 @@ def child(recipe: str, folder: str, first: bool, out: str) -> None:
     """One process: the timed calls, their times as JSON in ``out``."""
     t_process = time.perf_counter()
     import torch
+    from timing import recipe_calibration  # same folder
     from torch._dynamo.utils import counters
     from transformers import DynamicCache
 
     import qcompile
     from qcompile import corpus
-    from qcompile.recipes import get_recipe
     from qcompile.smollm2 import load_smollm2
 
     torch.set_num_threads(int(os.environ.get("LOWBIT_BENCH_THREADS", "2")))
@@ -52,11 +52,9 @@ def child(recipe: str, folder: str, first: bool, out: str) -> None:
     with torch.no_grad():
         if first:
             options = {"recipe": recipe, "free_weights": True}
-            r = get_recipe(recipe)
-            if r.calibrated:
-                n, length = (8, 512) if r.gptq else (2, 256)
-                batches = corpus.calibration_batches(tok, n_batches=n, seq_len=length)
-                options["calibration"] = qcompile.calibrate(model, batches, hessian=r.gptq)
+            calibration = recipe_calibration(recipe, model, tok)
+            if calibration is not None:
+                options["calibration"] = calibration
             t0 = time.perf_counter()
             fast = torch.compile(model, backend="lowbit", options=options)
         else:

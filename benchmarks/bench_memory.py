@@ -66,10 +66,10 @@ class Phases:
 
 def child_quantize(recipe: str, handoff: str, folder: str) -> dict:
     import torch
+    from timing import recipe_calibration  # same folder
 
     import qcompile
     from qcompile import corpus
-    from qcompile.recipes import get_recipe
     from qcompile.smollm2 import load_smollm2
 
     phases = Phases()
@@ -77,12 +77,9 @@ def child_quantize(recipe: str, handoff: str, folder: str) -> dict:
     fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     phases.mark("load (mapped)")
     options = {"recipe": recipe, "free_weights": True, "handoff": handoff}
-    r = get_recipe(recipe)
-    if r.calibrated:
-        n, length = (8, 512) if r.gptq else (2, 256)
-        batches = corpus.calibration_batches(tok, n_batches=n, seq_len=length)
-        options["calibration"] = qcompile.calibrate(model, batches, hessian=r.gptq)
-        del batches
+    calibration = recipe_calibration(recipe, model, tok)
+    if calibration is not None:
+        options["calibration"] = calibration
         phases.mark("calibrate")
     ids = corpus.eval_tokens(tok, "reference", 128)
     fast = torch.compile(model, backend="lowbit", options=options)

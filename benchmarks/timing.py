@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: latency medians of wall-clock times, and the
-``--calibration-kinds`` flag."""
+"""Helpers shared by the benchmarks: latency medians of wall-clock times, the
+``--calibration-kinds`` flag, and the calibration a recipe is given."""
 
 from __future__ import annotations
 
@@ -18,6 +18,21 @@ def add_calibration_kinds(ap) -> None:
                     choices=list(corpus.CALIBRATION_KINDS),
                     help="qcompile.corpus kinds to calibrate on (default: the mix; "
                     "'reference' alone is the README tables' calibration)")  # fmt: skip
+
+
+def recipe_calibration(recipe: str, model, tok):
+    """What the memory and first-token benchmarks calibrate a recipe on: nothing where it
+    needs no calibration, else 2 x 256 tokens of the corpus mix (8 x 512 with the Hessian
+    for GPTQ)."""
+    import qcompile
+    from qcompile.recipes import get_recipe
+
+    r = get_recipe(recipe)
+    if not r.calibrated:
+        return None
+    n, length = (8, 512) if r.gptq else (2, 256)
+    batches = corpus.calibration_batches(tok, n_batches=n, seq_len=length)
+    return qcompile.calibrate(model, batches, hessian=r.gptq)
 
 
 def median_ms(fn, repeats: int) -> float:

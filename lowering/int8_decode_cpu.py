@@ -42,7 +42,7 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
         outliers = _outlier_operands(gm, addend, x)
         idx, w_out = outliers.operands if outliers else (None, None)
         with graph.inserting_before(node):
-            bias = _float32_constant(gm, bias, node) if bias is not None else None
+            bias = None if bias is None else _float32_constant(gm, bias, node)
             wide = out_dtype if addend is None or outliers else torch.float32
             new = graph.call_function(
                 cpu_int8_gemv.int8_linear_gemv, (x, mask, w_q, w_scale, bias, idx, w_out, wide)
@@ -146,10 +146,9 @@ def _outlier_operands(gm, addend, x) -> _Outliers | None:
     return _Outliers((idx_node, w_site), chain)
 
 
-def _float32_constant(gm, node, anchor):
-    """The bias as a contiguous float32 constant (the kernel reads float32)."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return node
+def _float32_constant(gm, node: fx.Node, anchor: fx.Node) -> fx.Node:
+    """The bias constant ``node`` (a get_attr) as contiguous float32 (the kernel reads
+    float32)."""
     t = getattr(gm, node.target)
     if t.dtype == torch.float32 and t.is_contiguous():
         return node

@@ -6,7 +6,8 @@ has a kernel for; each is replaced by its ``lowering_table`` entry, by a fusion 
 low-bit sites (``fuse_cpu``, ``fuse_triton``), by the one-call int8 decode kernel
 (``int8_decode_cpu``), or by a prepacked weight-only call (``lower_dequant_linear_cpu``).
 Numerical contract: integer GEMM results identical to the reference kernels, float
-epilogues within float32 rounding, fused transforms as their kernel modules state. Returns the number of nodes lowered.
+epilogues within float32 rounding, fused transforms as their kernel modules state.
+Returns the number of nodes lowered.
 """
 
 from __future__ import annotations
