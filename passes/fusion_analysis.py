@@ -65,7 +65,7 @@ class InputGroup:
     sites: list[LinearSite]
     transform: str  # "duquant" or "hadamard"
     act_bits: int  # activation bits (smallest over the sites) for DuQuant's gate
-    index: int  # group number in graph order (seeds the transforms)
+    index: int  # group number in graph order (names its constants)
     scale_into: tuple | None = None  # ("norm", mul node, weight arg index) | ("rows", site)
     perm_into: list[LinearSite] | None = None  # sites whose output rows take a permutation
     online_reason: str | None = None

@@ -179,7 +179,13 @@ def quantize_sequentially(args) -> None:
     options = compile_options(args)
     batches = calibration_batches(tok, args, statistics_for(options)["hessian"])
     result = quantize_sequential(
-        model, checkpoint, batches, args.out, options=options, tokenizer=tok
+        model,
+        checkpoint,
+        batches,
+        args.out,
+        options=options,
+        tokenizer=tok,
+        calibrate_on=args.calibrate_on,
     )
     folder.write_folder_config(args.out, source=source)
     print(result)
@@ -328,6 +334,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one decoder block at a time from the .safetensors files: for a model larger "
         "than memory (qcompile.quantize_sequential)",
+    )
+    p.add_argument(
+        "--calibrate-on",
+        choices=("quantized", "fp"),
+        default="fp",
+        help="with --sequential: each block's statistics from the full-precision model's "
+        "hidden states (default: the whole-model result) or from the quantized blocks' "
+        "outputs before it",
     )
 
     p = _command(sub, "explain", cmd_explain, "what lowbit does to each layer, and plots")
