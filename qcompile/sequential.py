@@ -4,11 +4,11 @@
 without weights (accelerate's ``init_empty_weights``); the parameters outside the
 repeated blocks are read first, the calibration batches run up to the first block, and
 then each block in turn is read from the checkpoint, calibrated on the full-precision
-model's hidden states at its input (as the whole-model path is; with
-``calibrate_on="quantized"``, on the outputs of the already quantized blocks before it,
-as GPTQModel and llm-compressor do), compiled with ``backend="lowbit"`` (``free_weights``: its full-precision
-weights are released after the first call), and run to give the next block's inputs. The linears outside the
-blocks (the head) come last: with every block replaced by a stand-in that returns the
+model's hidden states at its input (the same pass gives the next block's inputs, as the
+whole-model path sees them; with ``calibrate_on="quantized"``, on the outputs of the
+already quantized blocks before it, as GPTQModel and llm-compressor do), and compiled
+with ``backend="lowbit"`` (``free_weights``: its full-precision weights are released
+after the first call). The linears outside the blocks (the head) come last: with every block replaced by a stand-in that returns the
 last block's stored outputs, they are calibrated on those and compiled alone; the result
 is written with ``qcompile.save`` and loads and compiles like any saved model.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ from .matmul_modules import is_matmul_module
 from .options import Options
 from .recipes import get_recipe
 
+CALIBRATE_ON = ("fp", "quantized")  # quantize_sequential's choice of calibration inputs
 HEAD_SLICE_TOKENS = 64  # tokens per head calibration call (logits: 64 x vocabulary)
 
 
@@ -113,14 +115,14 @@ def quantize_sequential(
     ``qcompile.save`` takes. ``options``: the compile options (``recipe`` and the rest;
     not ``calibration``, which is computed per block). ``offload_dir``: where the hidden
     states go (default: a temporary folder). ``calibrate_on``: ``"fp"`` (each block's
-    statistics from the full-precision blocks' outputs: each block runs in full precision
-    for the next one's inputs, and the products are the whole-model path's) or
+    statistics from the full-precision blocks' outputs, which its calibration pass also
+    stores as the next block's inputs: the products are the whole-model path's) or
     ``"quantized"`` (from the quantized blocks' outputs before it; on SmolLM2
     ``w4a16-g64-gptq`` this measured 0.7% worse perplexity on average over four kinds of
-    text, docs/results.md). Weight-only, int8 and DuQuant
-    recipes work; every transform DuQuant folds stays inside a block or the head.
+    text, docs/results.md). Weight-only, int8 and DuQuant recipes work; every transform
+    DuQuant folds stays inside a block or the head.
     """
-    if calibrate_on not in ("quantized", "fp"):
+    if calibrate_on not in CALIBRATE_ON:
         raise ValueError(
             f"quantize_sequential: calibrate_on={calibrate_on!r}; use 'quantized' (the "
             "quantized blocks' outputs) or 'fp' (the full-precision model's hidden states)"
@@ -168,12 +170,13 @@ def quantize_sequential(
             name = f"{blocks_name}.{i}"
             materialize(model, streamed, meta_parameters(model, prefix=f"{name}."))
             at_path = _AtPath(name, block)  # the block's linears keep the model's FQNs
-            stats = calibrate(at_path, _Calls(calls, inputs), **wanted)
-            if calibrate_on == "fp":  # the next inputs from the fp block; quantize on one call
-                with torch.no_grad():
-                    shape = _run_block(at_path, calls, inputs, outputs)
+            if calibrate_on == "fp":  # one fp pass: the statistics and the next inputs
+                with _outputs_to(block, outputs) as returned:
+                    stats = calibrate(at_path, _Calls(calls, inputs), **wanted)
                 _quantize_block(at_path, calls[:1], inputs, None, stats, compile_options)
+                shape = returned["shape"]
             else:
+                stats = calibrate(at_path, _Calls(calls, inputs), **wanted)
                 shape = _quantize_block(at_path, calls, inputs, outputs, stats, compile_options)
             _check_quantized(block, name, result)
             _offload_products(block, os.path.join(tmp, f"products-{i}.pt"))
@@ -190,30 +193,44 @@ def quantize_sequential(
     return result
 
 
-def _run_block(block, calls, inputs, outputs) -> str:
-    """Run ``block`` on every call's input from ``inputs`` and store its hidden states in
-    ``outputs`` (when given); returns ``"tuple"`` or ``"tensor"``: how the block returns
-    them."""
-    shape = "tensor"
-    for k, c in enumerate(calls):
-        out = block(inputs.get(k), *c.args, **c.kwargs)
-        if isinstance(out, tuple):
-            out, shape = out[0], "tuple"
-        if outputs is not None:
-            outputs.put(k, out)
-    return shape
+def _hidden_states(out) -> tuple[torch.Tensor, str]:
+    """A block's output as ``(hidden states, "tuple" or "tensor")``: how it returns them."""
+    return (out[0], "tuple") if isinstance(out, tuple) else (out, "tensor")
+
+
+@contextmanager
+def _outputs_to(block: nn.Module, store: _HiddenStore):
+    """While inside, each call of ``block`` stores its hidden states in ``store`` (call
+    k under k); yields a dict whose ``"shape"`` says how the block returns them."""
+    seen = {"calls": 0, "shape": "tensor"}
+
+    def hook(module, args, out):
+        hidden, seen["shape"] = _hidden_states(out)
+        store.put(seen["calls"], hidden)
+        seen["calls"] += 1
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _quantize_block(block, calls, inputs, outputs, stats: Calibration, compile_options) -> str:
     """Compile ``block`` with lowbit on ``stats`` and run it on every call's input (the
     first call quantizes it and releases its fp weights), storing the outputs in
-    ``outputs`` (when given); returns how the block returns them (``_run_block``)."""
+    ``outputs`` (when given); returns how the block returns them (``_hidden_states``)."""
     compiled = torch.compile(
         block, backend="lowbit", options={**compile_options, "calibration": stats}
     )
+    shape = "tensor"
     try:
         with torch.no_grad():
-            return _run_block(compiled, calls, inputs, outputs)
+            for k, c in enumerate(calls):
+                hidden, shape = _hidden_states(compiled(inputs.get(k), *c.args, **c.kwargs))
+                if outputs is not None:
+                    outputs.put(k, hidden)
+        return shape
     finally:
         del compiled
         torch._dynamo.reset()  # the block's graphs go; its stored products stay
