@@ -81,6 +81,14 @@ def _round_up_to(s64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s
 
 
+def on_fp16_grid(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` rounded to the nearest fp16 value where fp16's normal range holds them
+    (the rest unchanged), in their dtype: what the CPU kernels store exactly in fp16."""
+    f16 = torch.finfo(torch.float16)
+    fits = (scales.abs() >= f16.tiny) & (scales.abs() <= f16.max)
+    return torch.where(fits, scales.to(torch.float16).to(scales.dtype), scales)
+
+
 def compute_qparams(
     w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:

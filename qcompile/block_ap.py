@@ -32,7 +32,7 @@ from qcompile.calibration import gram
 from qcompile.checkpoint import materialize, meta_parameters, open_streamed
 from qcompile.gptq import gptq_quantize
 from qcompile.qat import prepare_qat
-from qcompile.qat_convert import commit_linear
+from qcompile.qat_convert import commit_linear, snap_scales
 from qcompile.recipes import get_recipe
 
 # defaults measured on SmolLM2-135M (docs/results.md, "Training mode")
@@ -243,6 +243,7 @@ def _train_block(block, name, calls, inputs, targets, r, init, epochs, lr_w, lr_
                 opt.step()
                 bar.update(1)
                 bar.set_postfix(block=name, loss=f"{loss.item():.4g}")
+        snap_scales(block)  # what the commit stores: the outputs below stay exact
         mse_final, outputs = _errors(block, calls, inputs, targets)
         if not mse_final < mse_init:  # training did not help this block: keep its start
             with torch.no_grad():

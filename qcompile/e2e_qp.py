@@ -10,7 +10,8 @@ over the parameters that require grad trains exactly the step sizes.
 (``qcompile.qat_convert``, method ``block-ap+e2e-qp``) and restores ``requires_grad``.
 :func:`e2e_qp` is both around a causal-LM cross-entropy loop with AdamW.
 Invariant: the model after :func:`finish_e2e_qp` computes exactly what the prepared
-model computed with the final step sizes, and that is what lowbit compiles.
+model computed with the final step sizes rounded onto fp16's grid (the CPU kernels'
+format; at most 2^-11 relative), and that is what lowbit compiles.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from qcompile import artifacts
 from qcompile.kernels.packing import pack, packed_bits_per_weight
 from qcompile.kernels.reference import sqnr_db
-from qcompile.kernels.weight_only_reference import dequantize_groupwise
+from qcompile.kernels.weight_only_reference import dequantize_groupwise, on_fp16_grid
 from qcompile.lowering import derived
 from qcompile.products import WeightOnlySite
 from qcompile.qat import GroupwiseFakeQuant, trained_codes
@@ -45,9 +45,23 @@ def commit_linear(
     return store_trained(mod, name, recipe, method, q, scales, zeros, reference=reference)
 
 
+def snap_scales(block: nn.Module) -> None:
+    """Round every fake-quantized linear's step sizes in ``block`` onto fp16's grid in
+    place (as :func:`store_trained` will), so that committing then changes no output."""
+    with torch.no_grad():
+        for m in block.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                fq = m.parametrizations.weight[0]
+                if isinstance(fq, GroupwiseFakeQuant):
+                    fq.scale.copy_(on_fp16_grid(fq.scale))
+
+
 def store_trained(mod, name, recipe, method, q, scales, zeros, *, reference=None):
-    """Set ``mod.weight`` to ``(q - zeros) * scales`` and pin the products under it."""
+    """Set ``mod.weight`` to ``(q - zeros) * scales`` and pin the products under it. The
+    scales are first rounded onto fp16's grid, where RTN's are: the CPU kernels then hold
+    them exactly in fp16, and the fp32 copies are dropped with the fp weight."""
     r = get_recipe(recipe)
+    scales = on_fp16_grid(scales)
     bits, group = r.weight_bits, r.group_size
     param = mod.weight
     with torch.no_grad():

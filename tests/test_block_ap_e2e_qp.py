@@ -23,9 +23,9 @@ from qcompile import artifacts
 from qcompile.blocks import find_blocks
 from qcompile.e2e_qp import FrozenCodesLinear, causal_lm_loss
 from qcompile.kernels.packing import pack, unpack
-from qcompile.kernels.weight_only_reference import dequantize_groupwise
+from qcompile.kernels.weight_only_reference import dequantize_groupwise, on_fp16_grid
 from qcompile.qat import is_quantizer_parameter, prepare_qat
-from qcompile.qat_convert import commit_linear, copy_trained, trained_artifact
+from qcompile.qat_convert import commit_linear, copy_trained, snap_scales, trained_artifact
 
 RECIPE = "w2a16-g32"
 
@@ -227,6 +227,10 @@ def test_committed_products_are_exactly_the_trained_weights(trained):
         q = unpack(t["packed"], art.meta["bits"], mod.in_features)
         w = dequantize_groupwise(q, t["scales"], t["zeros"], art.meta["group_size"])
         assert torch.equal(w, mod.weight.detach())
+        # on the grid the CPU kernels hold exactly: fp16 scales (where fp16's normal
+        # range reaches: this training drives a few below it), integer zero points
+        assert torch.equal(on_fp16_grid(t["scales"]), t["scales"])
+        assert torch.equal(t["zeros"].round(), t["zeros"])
         checked += 1
     assert checked == 14
 
@@ -235,6 +239,10 @@ def test_committed_products_are_exactly_the_trained_weights(trained):
     x = torch.randn(1, 5, 64)
     pos = tuple(t[:, :5] for t in tiny_llama().model.rotary_emb(x, torch.arange(5)[None]))
     with torch.no_grad():
+        for m in block.modules():  # trained step sizes fall between fp16's values
+            if parametrize.is_parametrized(m, "weight"):
+                m.parametrizations.weight[0].scale.mul_(1.0 + 2.0**-13)
+        snap_scales(block)
         before = block(x, position_embeddings=pos)
         for name, m in block.named_modules():
             if isinstance(m, torch.nn.Linear):
