@@ -11,7 +11,7 @@ the inductor hand-off (decode: 1 token after a 256-token cache, median). Per var
 phases' wall time, the tokens it trained on, the process's peak RSS during its phases
 (``VmHWM``, reset before each variant) and the bytes the compiled model keeps resident.
 
-    .venv/bin/python benchmarks/bench_qat.py [--bits 2 3 4] [--batches 64] [--epochs 2]
+    .venv/bin/python benchmarks/bench_qat.py [--bits 2 3 4] [--batches 96] [--epochs 2]
         [--e2e-epochs 1] [--init gptq] [--tokens 2048] [--no-latency] [--latency-all]
 """
 
@@ -135,7 +135,7 @@ def print_table(rows: dict, fp: dict, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--batches", type=int, default=64, help="training / calibration batches")
+    ap.add_argument("--batches", type=int, default=96, help="training / calibration batches")
     ap.add_argument("--epochs", type=int, default=BLOCK_AP_DEFAULTS["epochs"])
     ap.add_argument("--e2e-epochs", type=int, default=E2E_QP_DEFAULTS["epochs"])
     ap.add_argument("--init", default=BLOCK_AP_DEFAULTS["init"], choices=["rtn", "gptq"])
