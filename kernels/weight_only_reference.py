@@ -81,11 +81,15 @@ def _round_up_to(s64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s
 
 
+def _in_fp16_normal_range(s: torch.Tensor) -> torch.Tensor:
+    f16 = torch.finfo(torch.float16)
+    return (s.abs() >= f16.tiny) & (s.abs() <= f16.max)
+
+
 def on_fp16_grid(scales: torch.Tensor) -> torch.Tensor:
     """``scales`` rounded to the nearest fp16 value where fp16's normal range holds them
     (the rest unchanged), in their dtype: what the CPU kernels store exactly in fp16."""
-    f16 = torch.finfo(torch.float16)
-    fits = (scales.abs() >= f16.tiny) & (scales.abs() <= f16.max)
+    fits = _in_fp16_normal_range(scales)
     return torch.where(fits, scales.to(torch.float16).to(scales.dtype), scales)
 
 
@@ -104,8 +108,7 @@ def compute_qparams(
     s64 = s64.clamp(min=torch.finfo(scale_dtype).tiny)
     scales = _round_up_to(s64, scale_dtype)
     if scale_dtype == torch.float32:  # fp16's grid where it reaches: stored exactly in fp16
-        f16 = torch.finfo(torch.float16)
-        fits = (s64 >= f16.tiny) & (s64 <= f16.max)
+        fits = _in_fp16_normal_range(s64)
         scales = torch.where(fits, _round_up_to(s64, torch.float16).float(), scales)
     zeros = torch.round(-lo / scales.double()).clamp(0, qmax)
     return scales, zeros.to(scale_dtype)

@@ -8,9 +8,10 @@ model's hidden states at its input (the same pass gives the next block's inputs,
 whole-model path sees them; with ``calibrate_on="quantized"``, on the outputs of the
 already quantized blocks before it, as GPTQModel and llm-compressor do), and compiled
 with ``backend="lowbit"`` (``free_weights``: its full-precision weights are released
-after the first call). The linears outside the blocks (the head) come last: with every block replaced by a stand-in that returns the
-last block's stored outputs, they are calibrated on those and compiled alone; the result
-is written with ``qcompile.save`` and loads and compiles like any saved model.
+after the first call). The linears outside the blocks (the head) come last: with every
+block replaced by a stand-in that returns the last block's stored outputs, they are
+calibrated on those and compiled alone; the result is written with ``qcompile.save`` and
+loads and compiles like any saved model.
 
 Invariant: at most one block's full-precision weights are in memory at a time; the
 blocks' hidden states (one file per calibration call) and the stored products of the
