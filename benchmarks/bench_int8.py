@@ -33,13 +33,16 @@ def measure(name, model, fwd, texts, prompt512, repeats):
     ppl = {kind: perplexity(fwd, tokens) for kind, tokens in texts.items()}
     reports = [r for r in qcompile.compiled_reports() if id(r) not in reports_before]
     passes = sum(r.pass_seconds for r in reports)
-    columns = sum(len(s.outlier_channels) for s in reports[0].sites) if reports else 0
+    sites = reports[0].sites if reports else []
+    columns = sum(len(s.outlier_channels) for s in sites)
+    extra = sum(sum(s.outlier_copies) - len(s.outlier_copies) for s in sites)
     return {
         "name": name,
         "prefill_ms": row["prefill_ms"],
         "decode_ms": row["decode_ms"],
         "ppl": ppl,
-        "fp_columns": columns,
+        "outlier_columns": columns,
+        "extra_columns": extra,
         "pass_s": passes if reports else None,
         "first_call_s": row["compile_s"],
     }
@@ -82,7 +85,7 @@ def main() -> None:
     kinds = "".join(f" {k[:10]:>10}" for k in args.kinds)
     head = (
         f"{'variant':<18} {'prefill ms':>10} {'x fp':>5} {'decode ms':>9} {'x fp':>5}{kinds} "
-        f"{'fp cols':>7} {'passes s':>8} {'1st call s':>10}"
+        f"{'outl cols':>9} {'+int8 cols':>10} {'passes s':>8} {'1st call s':>10}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -94,13 +97,15 @@ def main() -> None:
         print(
             f"{r['name']:<18} {r['prefill_ms']:>10.1f} {base['prefill_ms'] / r['prefill_ms']:>5.2f} "
             f"{r['decode_ms']:>9.2f} {base['decode_ms'] / r['decode_ms']:>5.2f}{cells} "
-            f"{r['fp_columns']:>7} {passes:>8} {r['first_call_s']:>10.1f}"
+            f"{r['outlier_columns']:>9} {r['extra_columns']:>10} {passes:>8} "
+            f"{r['first_call_s']:>10.1f}"
         )
     print(
         f"\nprefill: 1 x 512 tokens; decode: 1 token after a 256-token DynamicCache; "
         f"perplexity: the first {args.tokens} tokens of each kind (qcompile.corpus), context "
-        "512; the fp32 eager row gives perplexities, the others their ratio to it; 'fp cols': "
-        "input columns kept in full precision over all sites (prefill graph); 'passes s': "
+        "512; the fp32 eager row gives perplexities, the others their ratio to it; 'outl cols': "
+        "outlier input columns over all sites (prefill graph), '+int8 cols' the int8 columns "
+        "their copies add (the dynamic mode: none static); 'passes s': "
         "lowbit passes summed over the graphs; '1st call s': first prefill + first decode "
         "calls (compile included)."
     )

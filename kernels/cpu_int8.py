@@ -18,9 +18,19 @@ import functools
 
 import torch
 
-from .reference import epilogue_dtype, quantize_rows  # aten-only: what inductor should fuse
+from .reference import (  # aten-only: what inductor should fuse
+    epilogue_dtype,
+    quantize_rows,
+    quantize_rows_copies,
+)
 
-__all__ = ["quantize_rows", "int8_linear", "int8_linear_channels_major", "int8_matmul_int32"]
+__all__ = [
+    "quantize_rows",
+    "quantize_rows_copies",
+    "int8_linear",
+    "int8_linear_channels_major",
+    "int8_matmul_int32",
+]
 
 
 # Rows from which a CPU without int8 dot-product instructions multiplies the codes as

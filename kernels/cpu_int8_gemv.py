@@ -1,12 +1,13 @@
 """The int8 recipes' linear for few rows (decode) as one CPU call (``cpu_int8_gemv.cpp``).
 
-Invariant: ``int8_linear_gemv`` computes ``reference.quantize_rows`` followed by
-``reference.int8_linear`` (the same int32 sums and float epilogue, in the same order) plus
-the full-precision outlier partial of ``split_mixed_mm``, whose float sum order alone may
-differ from a BLAS GEMM's. At decode that replaces, per linear, the row quantization, the
-gather of the outlier columns, their float GEMM, ``_int_mm`` and the epilogue: a
-one-token step of ``int8-mixed`` or ``w8a8`` makes one call per linear instead of two
-extern calls and three fused kernels.
+Invariant: ``int8_linear_gemv`` computes ``reference.quantize_rows`` (or, with
+``int8-mixed``'s outlier copies, ``reference.quantize_rows_copies``) followed by
+``reference.int8_linear``: the same codes, int32 sums and float epilogue, in the same
+order, so the same result bit for bit; with copies it reads only the first K columns of
+each weight row (an outlier column's copies all repeat its weight column), as many bytes
+as ``w8a8``. At decode that replaces, per linear, the row
+quantization, ``_int_mm`` and the epilogue: a one-token step of ``int8-mixed`` or
+``w8a8`` makes one call per linear instead of an extern call and fused kernels.
 
 The C++ is built on first use by inductor's C++ builder (cached on disk across processes).
 """
@@ -29,13 +30,12 @@ GEMV_MAX_M = 4
 
 torch.library.define(
     "lowbit::int8_gemv_cpu",
-    "(Tensor x, Tensor? inlier_mask, Tensor w_q, Tensor w_scale, Tensor? bias, "
-    "Tensor? outlier_idx, Tensor? w_outlier) -> Tensor",
+    "(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? copies) -> Tensor",
 )
 
 
 @torch.library.register_fake("lowbit::int8_gemv_cpu")
-def _(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier):
+def _(x, w_q, w_scale, bias, copies):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=torch.float32)
 
 
@@ -51,8 +51,9 @@ def available() -> bool:
     return cpp_build.builds(library)
 
 
-def int8_linear_gemv(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier, out_dtype):
-    """``x [..., K]`` through the int8 linear (and the outlier partial) -> ``[..., N]`` in
-    ``out_dtype``; the operands as ``lowbit::int8_gemv_cpu`` takes them."""
-    y = torch.ops.lowbit.int8_gemv_cpu(x, inlier_mask, w_q, w_scale, bias, outlier_idx, w_outlier)
+def int8_linear_gemv(x, w_q, w_scale, bias, copies, out_dtype):
+    """``x [..., K]`` through the int8 linear -> ``[..., N]`` in ``out_dtype``; the
+    operands as ``lowbit::int8_gemv_cpu`` takes them (``copies``: ``quantize_rows_copies``'
+    constant, or None)."""
+    y = torch.ops.lowbit.int8_gemv_cpu(x, w_q, w_scale, bias, copies)
     return y.to(out_dtype)

@@ -28,6 +28,20 @@ def _(x, inlier_mask):
     return ref.empty_quantized_rows(x)
 
 
+@torch.library.custom_op("lowbit::quantize_rows_copies", mutates_args=())
+def quantize_rows_copies(
+    x: torch.Tensor, copies: torch.Tensor, src: torch.Tensor, piece: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization with outlier columns spread over int8 copies; see
+    ``reference.quantize_rows_copies``."""
+    return ref.quantize_rows_copies(x, copies, src, piece)
+
+
+@quantize_rows_copies.register_fake
+def _(x, copies, src, piece):
+    return ref.empty_quantized_copies(x, src)
+
+
 @torch.library.custom_op("lowbit::int8_linear", mutates_args=())
 def int8_linear(
     q: torch.Tensor,

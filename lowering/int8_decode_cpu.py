@@ -2,18 +2,15 @@
 
 Invariant: a ``lowbit::int8_linear`` whose rows are known at trace time to be at most
 ``cpu_int8_gemv.GEMV_MAX_M`` (a decode step), whose codes come from a
-``lowbit::quantize_rows`` of ``x``, becomes ``cpu_int8_gemv.int8_linear_gemv`` on ``x``:
-the same integer sums and float epilogue. Its outlier partial (``split_mixed_mm``'s
-``linear(index_select(x, -1, O), W_O)``, or a ``narrow`` of the group's stacked one) is
-computed in the same call from the outlier index and the site's rows of ``W_O``; any
-other addend is added after the call, in float32, as the epilogue adds it. Nodes left
-unread (the quantization, the gather, the float GEMM) are erased.
+``lowbit::quantize_rows`` (without inlier mask) or ``lowbit::quantize_rows_copies`` of
+``x``, becomes ``cpu_int8_gemv.int8_linear_gemv`` on ``x``: the same codes, integer sums
+and float epilogue. An addend is added after the call, in float32, as the epilogue adds
+it. Quantization nodes left unread are erased.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -33,21 +30,20 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
     sites = [n for n in graph.nodes if _is_decode_int8_linear(gm, n)]
     if not sites or not cpu_int8_gemv.available():
         return 0
-    # read by the rewritten nodes only: erased after them, readers before what they read
-    stages: tuple[list, ...] = ([], [], [], [], [])
+    quantizations = []
     for node in sites:
         q_item, _, w_q, w_scale, bias, addend, out_dtype = node.args
         quantize = q_item.args[0]
-        x, mask = quantize.args[0], _arg(quantize, 1, "inlier_mask")
-        outliers = _outlier_operands(gm, addend, x)
-        idx, w_out = outliers.operands if outliers else (None, None)
+        x = quantize.args[0]
+        plain = quantize.target is torch.ops.lowbit.quantize_rows.default
+        copies = None if plain else quantize.args[1]
         with graph.inserting_before(node):
             bias = None if bias is None else _float32_constant(gm, bias, node)
-            wide = out_dtype if addend is None or outliers else torch.float32
+            wide = out_dtype if addend is None else torch.float32
             new = graph.call_function(
-                cpu_int8_gemv.int8_linear_gemv, (x, mask, w_q, w_scale, bias, idx, w_out, wide)
+                cpu_int8_gemv.int8_linear_gemv, (x, w_q, w_scale, bias, copies, wide)
             )
-            if addend is not None and outliers is None:  # the epilogue's last add
+            if addend is not None:  # the epilogue's last add
                 new = graph.call_function(operator.add, (new, addend))
                 new = graph.call_method("to", (new, out_dtype))
         for key in ("nn_module_stack", "example_value"):
@@ -55,14 +51,9 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
                 new.meta[key] = node.meta[key]
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        if outliers:
-            for stage, n in zip(stages, outliers.chain):
-                if n is not None:
-                    stage.append(n)
-        stages[3].extend(quantize.users)
-        stages[4].append(quantize)
-    for stage in stages:
-        erase_unread(gm, list(dict.fromkeys(stage)))
+        quantizations.append(quantize)
+    erase_unread(gm, list(dict.fromkeys(u for q in quantizations for u in q.users)))
+    erase_unread(gm, list(dict.fromkeys(quantizations)))
     gm.recompile()
     return len(sites)
 
@@ -96,54 +87,20 @@ def _is_decode_int8_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _quantize_of(item) -> fx.Node | None:
-    """The ``lowbit::quantize_rows`` node ``item`` indexes into, if it is one."""
+    """The quantization node ``item`` indexes into, if it is one the kernel computes."""
     if not (isinstance(item, fx.Node) and item.target is operator.getitem):
         return None
     src = item.args[0]
-    ok = isinstance(src, fx.Node) and src.target is torch.ops.lowbit.quantize_rows.default
-    return src if ok else None
+    if not isinstance(src, fx.Node):
+        return None
+    if src.target is torch.ops.lowbit.quantize_rows_copies.default:
+        return src
+    plain = src.target is torch.ops.lowbit.quantize_rows.default
+    return src if plain and _arg(src, 1, "inlier_mask") is None else None
 
 
 def _arg(node: fx.Node, i: int, name: str):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
-
-
-@dataclass
-class _Outliers:
-    operands: tuple[fx.Node, fx.Node]  # outlier_idx, the site's rows of W_O in float32
-    chain: tuple  # the narrow (None without one), the float GEMM, the gather
-
-
-def _outlier_operands(gm, addend, x) -> _Outliers | None:
-    """The kernel's operands for a ``split_mixed_mm`` partial read from ``x``; None for
-    another addend."""
-    if not isinstance(addend, fx.Node):
-        return None
-    rows = None
-    partial = addend
-    if addend.target is torch.narrow:
-        partial, dim, start, length = addend.args
-        if dim != -1 or not isinstance(start, int) or not isinstance(length, int):
-            return None
-        rows = (start, length)
-    if not (isinstance(partial, fx.Node) and partial.target is torch._C._nn.linear):
-        return None
-    gather, w_node = partial.args[:2]
-    if len(partial.args) > 2 and partial.args[2] is not None:
-        return None
-    ok = isinstance(gather, fx.Node) and gather.target is torch.index_select
-    if not ok or gather.args[0] is not x or gather.args[1] != -1 or w_node.op != "get_attr":
-        return None
-    idx_node = gather.args[2]
-    if idx_node.op != "get_attr" or getattr(gm, idx_node.target).dtype != torch.int64:
-        return None
-    w = getattr(gm, w_node.target)
-    if rows is not None:
-        w = w[rows[0] : rows[0] + rows[1]]
-    w = w.detach().to(torch.float32).contiguous()
-    w_site = add_constant(gm, f"{w_node.target}_rows_{rows[0] if rows else 0}_f32", w, addend)
-    chain = (addend if rows is not None else None, partial, gather)
-    return _Outliers((idx_node, w_site), chain)
 
 
 def _float32_constant(gm, node: fx.Node, anchor: fx.Node) -> fx.Node:

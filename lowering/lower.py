@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from qcompile.context import PassContext
-from qcompile.kernels import cpu_int8, lowbit_act
+from qcompile.kernels import cpu_int8, lowbit_act, reference
 
 from .derived import lower_dequant_linear_cpu
 from .fuse_cpu import fuse_lowbit_cpu, lower_block_rotate_cpu
@@ -29,6 +29,7 @@ def lowering_table(target: str) -> dict:
     if target == "cpu":
         return {
             lowbit.quantize_rows.default: cpu_int8.quantize_rows,
+            lowbit.quantize_rows_copies.default: cpu_int8.quantize_rows_copies,
             lowbit.int8_linear.default: cpu_int8.int8_linear,
             lowbit.quantize_rows_bits.default: lowbit_act.quantize_rows_bits,  # W4A4, W6A6, ...
         }
@@ -42,6 +43,8 @@ def lowering_table(target: str) -> dict:
 
         return {
             lowbit.quantize_rows.default: lowbit.quantize_rows_triton.default,
+            # aten ops: inductor writes the Triton kernel (a gather after the row's absmax)
+            lowbit.quantize_rows_copies.default: reference.quantize_rows_copies,
             lowbit.int8_linear.default: lowbit.int8_linear_triton.default,
             lowbit.dequant_linear.default: lowbit.dequant_linear_triton.default,
             # left by fuse_lowbit_triton (blocks too large, or another reader)

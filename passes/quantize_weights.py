@@ -3,22 +3,22 @@
 Precondition: ``split_mixed_mm`` ran (sites of mixed recipes may be split).
 Rewrite, per site whose recipe is int8 weights and int8 activations:
 
-    linear(x, W, b) [+ partial]
- -> q, s = lowbit.quantize_rows(x, inlier_mask)
-    lowbit.int8_linear(q, s, W_q, w_scale, b, partial, dtype)
+    linear(x, W, b)
+ -> q, s = lowbit.quantize_rows(x)                     (w8a8; int8-mixed without outliers)
+    q, s = lowbit.quantize_rows_copies(x, copies, src, piece)     (split_mixed_mm's copies)
+    lowbit.int8_linear(q, s, W_q, w_scale, b, None, dtype)
 
-with ``W_q, w_scale = absmax int8 of W`` (per output channel; the inlier weight
-when the site was split), stored as new constants of the graph; sites reading the same
-input with the same mask (q/k/v, gate/up) share one ``quantize_rows``. Sites marked for
+with ``W_q, w_scale = absmax int8 of W`` (per output channel; with copies ``W_q`` is
+expanded to ``W_q[:, src]``), stored as new constants of the graph; sites reading the
+same input with the same copies (q/k/v, gate/up) share one quantization. Sites marked for
 the dynamic split become ``lowbit.int8_mixed_linear_dynamic``. The products are
-stored in ``qcompile.artifacts`` (with the split's, if any) and reused instead of
-recomputed when they match (same weight, recipe, options and outlier columns;
+stored in ``qcompile.artifacts`` (with the copies, if any) and reused instead of
+recomputed when they match (same weight, recipe, options, outlier columns and copies;
 always for a released weight). The user's
 parameters are never modified; full-precision copies made by earlier passes are
 dropped from the graph module once replaced.
 Numerical contract: within int8 absmax tolerance: per element of W,
-``|W - W_q * w_scale| <= w_scale / 2``; ``site.weight_sqnr_db`` reports the
-effective weight's SQNR (outlier columns count as exact).
+``|W - W_q * w_scale| <= w_scale / 2``; ``site.weight_sqnr_db`` reports its SQNR.
 Returns the number of sites quantized.
 """
 
@@ -33,10 +33,8 @@ from qcompile import artifacts
 from qcompile.context import PassContext
 from qcompile.graph_utils import (
     DYNAMIC_THRESHOLD,
-    INLIER_MASK,
     META_PREFIX,
-    OUTLIER_PARTIAL,
-    SPLIT_SUM,
+    OUTLIER_COPIES,
     WEIGHT_NODE,
     add_constant,
 )
@@ -46,10 +44,12 @@ from qcompile.memory import drop_file_pages, release_free_pages
 from qcompile.products import Int8Site
 from qcompile.recipes import INT8, INT8_MIXED
 
+from .split_mixed_mm import outlier_deps
+
 
 def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
-    quantized = {}  # (input, inlier mask) -> the (codes, scales) nodes its sites share
+    quantized = {}  # (input, copies constants) -> the (codes, scales) nodes its sites share
     for site in ctx.sites_of(INT8, INT8_MIXED):
         node = site.node
         g = gm.graph
@@ -57,8 +57,9 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         w_node = node.meta.get(WEIGHT_NODE)
         art = site.artifact
+        copies = node.meta.get(OUTLIER_COPIES)  # (copies, src, piece) constant nodes
         if art is None and not site.products:
-            art = artifacts.lookup(site, ctx, deps=list(site.outlier_channels))
+            art = artifacts.lookup(site, ctx, deps=outlier_deps(site))
         if art is not None:  # stored products (qcompile.artifacts): reuse, compute nothing
             stored = Int8Site.from_tensors(art.tensors)
             w_q, w_scale = stored.w_q, stored.w_scale
@@ -66,32 +67,31 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             w = getattr(gm, w_node.target) if w_node is not None else site.weight.detach()
             w_q, w_scale = quantize_weight_per_channel(w)
-            site.weight_sqnr_db = _effective_sqnr_db(
-                site.weight, w_q, w_scale, site.outlier_channels
-            )
-        site.method = "absmax int8" + (" + fp outliers" if site.outlier_channels else "")
-        site.bits_per_weight = _bits_per_weight(
-            site.in_features, len(site.outlier_channels), site.weight.element_size()
-        )
+            site.weight_sqnr_db = sqnr_db(site.weight, w_q.double() * w_scale.double()[:, None])
+            if copies is not None:  # one weight column per int8 column of the codes
+                w_q = w_q.index_select(1, getattr(gm, copies[1].target)).contiguous()
+        extra = sum(site.outlier_copies) - len(site.outlier_copies)
+        site.method = "absmax int8" + (f" + {extra} outlier copies" if extra else "")
+        site.bits_per_weight = (8 * w_q.shape[1] + 32) / site.in_features  # with the copies
 
         if art is None:
             meta = {
                 "outlier_channels": list(site.outlier_channels),
                 "outlier_rule": site.outlier_rule,
+                "outlier_copies": list(site.outlier_copies),
                 "bits": 8,
                 "method": site.method,
                 "weight_sqnr_db": site.weight_sqnr_db,
                 "bits_per_weight": site.bits_per_weight,
             }
             products = Int8Site(w_q=w_q, w_scale=w_scale, **site.products)
-            artifacts.store(site, ctx, products, meta, deps=list(site.outlier_channels))
+            artifacts.store(site, ctx, products, meta, deps=outlier_deps(site))
 
         out_val = node.meta.get("example_value")
         out_dtype = out_val.dtype if out_val is not None else site.weight.dtype
-        replaced = node.meta.get(SPLIT_SUM, node)
         wq_node = add_constant(gm, f"lowbit_{site.fqn}_int8", w_q, node)
         ws_node = add_constant(gm, f"lowbit_{site.fqn}_scale", w_scale, node)
-        with g.inserting_before(replaced):
+        with g.inserting_before(node):
             if DYNAMIC_THRESHOLD in node.meta:
                 thr = node.meta[DYNAMIC_THRESHOLD]
                 y = g.call_function(
@@ -99,27 +99,29 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
                     (x, wq_node, ws_node, bias, thr),
                 )
             else:
-                mask = node.meta.get(INLIER_MASK)
-                partial = node.meta.get(OUTLIER_PARTIAL)
-                if (x, mask) not in quantized:  # q/k/v, gate/up: one quantization
-                    qs = g.call_function(torch.ops.lowbit.quantize_rows.default, (x, mask))
-                    quantized[x, mask] = (
+                if (x, copies) not in quantized:  # q/k/v, gate/up: one quantization
+                    qs = (
+                        g.call_function(torch.ops.lowbit.quantize_rows.default, (x, None))
+                        if copies is None
+                        else g.call_function(
+                            torch.ops.lowbit.quantize_rows_copies.default, (x, *copies)
+                        )
+                    )
+                    quantized[x, copies] = (
                         g.call_function(operator.getitem, (qs, 0)),
                         g.call_function(operator.getitem, (qs, 1)),
                     )
-                q, s = quantized[x, mask]
+                q, s = quantized[x, copies]
                 y = g.call_function(
                     torch.ops.lowbit.int8_linear.default,
-                    (q, s, wq_node, ws_node, bias, partial, out_dtype),
+                    (q, s, wq_node, ws_node, bias, None, out_dtype),
                 )
         y.meta.update({k: v for k, v in node.meta.items() if k.startswith(META_PREFIX)})
         y.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         y.meta["example_value"] = out_val
-        replaced.replace_all_uses_with(y)
-        g.erase_node(replaced)
-        if replaced is not node:
-            g.erase_node(node)
-        if w_node is not None and not w_node.users:  # drop the fp inlier copy
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        if w_node is not None and not w_node.users:  # drop the folded fp copy
             g.erase_node(w_node)
             delattr(gm, w_node.target)
             gm._param_name_to_source.pop(w_node.target, None)
@@ -131,16 +133,3 @@ def quantize_weights(gm: fx.GraphModule, ctx: PassContext) -> int:
         release_free_pages()  # this site's temporaries, before the next one's
     gm.recompile()
     return rewrites
-
-
-def _effective_sqnr_db(w: torch.Tensor, w_q, w_scale, exact_cols) -> float:
-    """SQNR of the weight the site computes with (outlier columns exact)."""
-    deq = w_q.double() * w_scale.double().unsqueeze(1)
-    if exact_cols:
-        deq[:, exact_cols] = w.detach().double()[:, exact_cols]
-    return sqnr_db(w, deq)
-
-
-def _bits_per_weight(k: int, n_outliers: int, fp_bytes: int) -> float:
-    """int8 inliers + full-precision outlier columns + one fp32 scale per output row."""
-    return (8 * (k - n_outliers) + 8 * fp_bytes * n_outliers + 32) / k

@@ -33,6 +33,7 @@ class LinearSite:
     skip_reason: str | None = None  # why the site stays in full precision
     outlier_channels: list[int] = field(default_factory=list)
     outlier_rule: str | None = None  # why those columns (detect_outliers), for the report
+    outlier_copies: list[int] = field(default_factory=list)  # int8 copies per outlier column
     weight_sqnr_db: float | None = None
     bits_per_weight: float | None = None  # storage incl. scales / zero points
     method: str | None = None  # how the weight was quantized (rtn, gptq, absmax)

@@ -2,7 +2,8 @@
 
 Layout: ``<debug_dir>/graph_<N>/<step>_<pass>.before.py`` and ``.after.py``
 (readable FX code), ``passes.log`` (one line per pass: rewrites, time, nodes
-added / removed / retargeted, with the linear site each belongs to) and
+added / removed / changed (retargeted, or given new ``lowbit.`` annotations), with the
+linear site each belongs to) and
 ``report.txt`` / ``report.json`` (the explain report of this graph), and with
 matplotlib installed (``pip install 'lowbit[plot]'``) its charts under ``plots/``
 (``Report.plot``).
@@ -16,15 +17,23 @@ from pathlib import Path
 
 from torch import fx
 
-from qcompile.graph_utils import SITE
+from qcompile.graph_utils import META_PREFIX, SITE
 
 from .memory import release_free_pages
 
 log = logging.getLogger("qcompile")
 
 
-def _snapshot(gm: fx.GraphModule) -> dict[str, tuple[str, str, str, str | None]]:
-    return {n.name: (n.op, _target(n), repr(n.args), n.meta.get(SITE)) for n in gm.graph.nodes}
+def _snapshot(gm: fx.GraphModule) -> dict[str, tuple]:
+    """Per node: op, target, args, its site and which ``lowbit.`` annotations it carries."""
+    return {
+        n.name: (n.op, _target(n), repr(n.args), n.meta.get(SITE), _annotations(n))
+        for n in gm.graph.nodes
+    }
+
+
+def _annotations(n: fx.Node) -> tuple[str, ...]:
+    return tuple(sorted(k for k in n.meta if k.startswith(META_PREFIX)))
 
 
 def _target(n: fx.Node) -> str:
@@ -83,7 +92,7 @@ class PassRunner:
         return (
             f"{self.step:02d} {name}: {count} rewrites in {self.times[name] * 1e3:.1f} ms; "
             f"added {fmt(added, after)}; removed {fmt(removed, before)}; "
-            f"retargeted {fmt(changed, after)}"
+            f"changed {fmt(changed, after)}"
         )
 
     def write_report(self, report) -> None:

@@ -25,9 +25,8 @@ OUTLIERS = "lowbit.outliers"  # detect_outliers: the site's outlier input channe
 WEIGHT_F64 = "lowbit.weight_f64"  # passes/_folding: the folded weight's float64 master
 BIAS_F64 = "lowbit.bias_f64"  # ... and its bias's
 WEIGHT_NODE = "lowbit.weight_node"  # the get_attr constant a folded / split site reads
-INLIER_MASK = "lowbit.inlier_mask"  # split_mixed_mm: constant node of the bool mask
-OUTLIER_PARTIAL = "lowbit.outlier_partial"  # split_mixed_mm: the fp outlier product
-SPLIT_SUM = "lowbit.split_sum"  # split_mixed_mm: the sum replacing the site
+# split_mixed_mm: the constant nodes (copies, src, piece) of the outlier columns' int8 copies
+OUTLIER_COPIES = "lowbit.outlier_copies"
 DYNAMIC_THRESHOLD = "lowbit.dynamic_threshold"  # int8-mixed, dynamic outlier mode
 ROTATE = "lowbit.rotate"  # rotate: the input group index of a block_rotate node
 ONLINE_SMOOTH = "lowbit.online_smooth"  # smooth: an online x / s node

@@ -34,7 +34,7 @@ OPTION_HELP = {
     "dynamic mode always uses it",
     "outlier_ratio": "static outlier columns: a channel whose calibrated max |x| reaches this "
     "multiple of the site's median channel max |x| (default 3.0; 0: the absolute "
-    "'threshold' instead)",
+    "'threshold' instead) is spread over int8 copies",
     "outlier_mode": "'static' (calibrated columns, default) or 'dynamic' (chosen per batch)",
     "handoff": "'inductor' (default) or 'eager' (keep the lowered graph in Python, for debugging)",
     "gptq": "GPTQ settings for '-gptq' recipes: {'act_order': True, 'damp': 0.1, "

@@ -101,6 +101,7 @@ def build_report(ctx: PassContext, runner: PassRunner) -> Report:
                 scheme=s.scheme,
                 outlier_channels=list(s.outlier_channels),
                 outlier_rule=s.outlier_rule,
+                outlier_copies=list(s.outlier_copies),
                 weight_sqnr_db=s.weight_sqnr_db,
                 fp_reason=reason,
                 bits_per_weight=s.bits_per_weight,

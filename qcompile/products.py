@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from .kernels.reference import outlier_expansion
 from .recipes import LOW_BIT, WEIGHT_ONLY
 
 Tensor = torch.Tensor
@@ -62,20 +63,40 @@ def _check_w_q(name: str, shape: list[int], w_q, w_scale) -> None:
 
 @dataclass(frozen=True)
 class Int8Site(_Layout):
-    """A W8A8 site (``quantize_weights``): ``w_q`` int8 ``[out, in]`` (outlier columns
-    zero), ``w_scale`` ``[out]`` per output row; with the LLM.int8() outlier split
-    (``split_mixed_mm``) also ``outlier_idx`` int64 ``[n]`` (the outlier input columns),
-    ``inlier_mask`` bool ``[in]`` and ``w_outlier`` ``[out, n]`` in the weight's dtype."""
+    """A W8A8 site (``quantize_weights``): ``w_scale`` ``[out]`` per output row and ``w_q``
+    int8 ``[out, in]``; with LLM.int8()'s outlier columns spread over int8 copies
+    (``split_mixed_mm``) also ``copies`` float32 ``[in]`` (whole numbers in [1, 256]), and
+    ``w_q`` has the columns of ``reference.outlier_expansion(copies)``'s ``src``
+    (``in + sum(copies - 1)``)."""
 
     w_q: Tensor | None = None
     w_scale: Tensor | None = None
-    outlier_idx: Tensor | None = None
-    inlier_mask: Tensor | None = None
-    w_outlier: Tensor | None = None
-    ROLES: ClassVar = ("outlier_idx", "inlier_mask", "w_outlier", "w_q", "w_scale")
+    copies: Tensor | None = None
+    ROLES: ClassVar = ("copies", "w_q", "w_scale")
+    # what files saved before 2026-12-07 hold for int8-mixed: full-precision outlier columns
+    RETIRED_ROLES: ClassVar = ("outlier_idx", "inlier_mask", "w_outlier")
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]):
+        retired = sorted(set(cls.RETIRED_ROLES) & set(tensors))
+        if retired:
+            raise ValueError(
+                f"these int8-mixed products hold {', '.join(retired)}: full-precision outlier "
+                "columns, as lowbit saved them before 2026-12-07. This version spreads outlier "
+                "columns over int8 copies instead; compile the model again and save it again"
+            )
+        return super().from_tensors(tensors)
 
     def validate(self, name: str, shape: list[int]) -> None:
-        _check_w_q(name, shape, self.w_q, self.w_scale)
+        width = shape[1]
+        if self.copies is not None:
+            c = self.copies
+            if c.dtype != torch.float32 or list(c.shape) != shape[1:]:
+                raise ValueError(f"the outlier copies of {name} are not float32{shape[1:]}")
+            if not bool(((c >= 1) & (c <= 256) & (c == c.round())).all()):
+                raise ValueError(f"the outlier copies of {name} are not whole numbers in [1, 256]")
+            width = outlier_expansion(c)[0].numel()
+        _check_w_q(name, [shape[0], width], self.w_q, self.w_scale)
 
 
 @dataclass(frozen=True)

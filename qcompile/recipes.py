@@ -11,7 +11,7 @@ from dataclasses import dataclass
 # Recipe families: which passes act on a site (PassContext.sites_of routes by them).
 FP = "fp"  # nothing is quantized
 INT8 = "int8"  # vector-wise int8 weights and activations (quantize_weights)
-INT8_MIXED = "int8-mixed"  # ... with LLM.int8()'s outlier columns in fp (+ split_mixed_mm)
+INT8_MIXED = "int8-mixed"  # ... with LLM.int8()'s outlier columns (+ split_mixed_mm)
 WEIGHT_ONLY = "weight-only"  # group-wise packed weights (quantize_weight_only, _embedding)
 LOW_BIT = "low-bit"  # W4A4 / W6A6 / W4A8, optionally transformed (quantize_lowbit)
 FAMILIES = (FP, INT8, INT8_MIXED, WEIGHT_ONLY, LOW_BIT)
@@ -61,7 +61,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "int8-mixed",
             "LLM.int8(): vector-wise int8 (per-token activations, per-channel weights); "
-            "outlier feature columns multiplied in full precision",
+            "outlier feature columns spread over int8 copies so they keep the row's step",
             INT8_MIXED,
             weight_bits=8,
             act_bits=8,

@@ -25,6 +25,7 @@ class SiteRow:
     act_absmax_before: float | None = None  # max |x| on the calibration sample, before them
     act_absmax_after: float | None = None  # ... and after them
     outlier_rule: str | None = None  # the limit that chose the outlier channels (int8-mixed)
+    outlier_copies: list[int] = field(default_factory=list)  # int8 copies per outlier channel
 
 
 @dataclass
@@ -152,9 +153,12 @@ class Report:
                 (r.fqn, str(r.in_features), str(r.out_features), scheme,
                  str(len(r.outlier_channels)), ch, sq)
             )  # fmt: skip
-        if rules:  # int8-mixed: which limit put those columns in full precision
-            head += ("outlier rule",)
-            body = [row + (r.outlier_rule or "",) for row, r in zip(body, self.sites)]
+        if rules:  # int8-mixed: which limit chose the columns, how many int8 columns they add
+            head += ("copies", "outlier rule")
+            body = [
+                row + (_copies_cell(r.outlier_copies), r.outlier_rule or "")
+                for row, r in zip(body, self.sites)
+            ]
         if any(r.transforms or r.act_absmax_before is not None for r in self.sites):
             head += ("max|x| before>after", "transforms")  # low-bit recipes (DuQuant, ...)
             body = [row + _transform_cells(r) for row, r in zip(body, self.sites)]
@@ -170,6 +174,11 @@ class Report:
                 + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_times.items())
             )
         return "\n".join(lines)
+
+
+def _copies_cell(copies: list[int]) -> str:
+    """``+E (max m)``: the int8 columns the outlier copies add, and the most copies."""
+    return f"+{sum(copies) - len(copies)} (max {max(copies)})" if copies else ""
 
 
 _LEFT_ALIGNED = ("site", "scheme", "outlier channels", "transforms", "outlier rule")

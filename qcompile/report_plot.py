@@ -7,8 +7,8 @@ rc settings stay as they were.
 
 One PNG per quantity, written to ``folder`` (created if needed):
 
-- ``outlier_channels.png``: outlier channels per site (the columns int8-mixed keeps
-  in full precision);
+- ``outlier_channels.png``: outlier channels per site (the columns int8-mixed spreads
+  over int8 copies);
 - ``act_absmax.png``: the calibration sample's max |x| at each site's input, before
   (dashed, hollow) and after (solid) the input transforms (smoothing, rotations), log
   scale; the recipes with low-bit activations (w4a4-, w6a6-, w4a8-...) record it;
@@ -293,7 +293,7 @@ def plot_report(report: Report, folder) -> list[Path]:
     out = [
         p.simple(folder / "outlier_channels.png", "Outlier channels per site", "outlier channels",
                  lambda r: len(r.outlier_channels or ()), missing="", ymin=0,
-                 zero="no site has outlier channels\n(int8-mixed keeps them in full precision)"),
+                 zero="no site has outlier channels\n(int8-mixed spreads them over int8 copies)"),
         p.act_absmax(folder / "act_absmax.png"),
         p.simple(folder / "weight_sqnr.png", "Weight SQNR (quantized against original weight)",
                  "SQNR (dB)", lambda r: r.weight_sqnr_db,

@@ -200,7 +200,7 @@ def site_kernels_program(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[fx.No
 
     A site's slice is its output node and, recursively, what it reads among the graph's
     constants and the nodes lowbit inserted (:func:`_inserted_by_lowbit`: the
-    quantization, the outlier gather and partial, getitems); the activations it reads
+    quantization with its outlier copies, getitems); the activations it reads
     from the rest of the model are the inputs. Running the program
     eagerly and compiled by inductor on the same inputs compares the site kernels
     themselves, apart from the float rounding of the model around them, which the

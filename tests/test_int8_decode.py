@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_lowering import tiny_llama
 from transformers import DynamicCache
 
@@ -17,80 +16,69 @@ pytestmark = pytest.mark.skipif(
 
 
 def _site(m, k, n, n_out, dtype=torch.float32, seed=0, bias=True):
+    """A site with ``n_out`` outlier columns (40x the rest) spread over 2-5 int8 copies."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
-    w_q, w_scale = ref.quantize_weight_per_channel(torch.randn(n, k, generator=g))
     idx = torch.randperm(k, generator=g)[:n_out].sort().values
-    mask = torch.ones(k, dtype=torch.bool)
-    mask[idx] = False
     x[:, idx] *= 40  # the outlier columns
-    w_out = torch.randn(n, n_out, generator=g)
+    copies = torch.ones(k)
+    copies[idx] = torch.randint(2, 6, (n_out,), generator=g).float()
+    src, piece = ref.outlier_expansion(copies)
+    w_q, w_scale = ref.quantize_weight_per_channel(torch.randn(n, k, generator=g))
     b = torch.randn(n, generator=g) if bias else None
-    return x, mask, w_q, w_scale, b, idx, w_out
+    return x, w_q[:, src].contiguous(), w_scale, b, (copies, src, piece), w_q
 
 
-def _reference(x, mask, w_q, w_scale, b, idx, w_out, out_dtype):
-    q, s = ref.quantize_rows(x, mask if idx.numel() else None)
-    addend = F.linear(x[..., idx].float(), w_out) if idx.numel() else None
-    return ref.int8_linear(q, s, w_q, w_scale, b, addend, out_dtype)
+def _reference(x, w_q, w_scale, b, expansion, out_dtype):
+    q, s = ref.quantize_rows_copies(x, *expansion)
+    return ref.int8_linear(q, s, w_q, w_scale, b, None, out_dtype)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize(("k", "n", "n_out"), [(64, 40, 3), (100, 37, 0), (576, 96, 17)])
 def test_kernel_is_the_int8_reference(m, k, n, n_out):
-    """Without outliers the result is the reference's bit for bit (the same int32 sums and
-    float epilogue); the outlier partial is a float sum in another order. K = 100 runs the
-    tail past the last 32-byte vector."""
-    x, mask, w_q, w_scale, b, idx, w_out = _site(m, k, n, n_out, seed=m * k)
-    if n_out:
-        got = cpu_int8_gemv.int8_linear_gemv(x, mask, w_q, w_scale, b, idx, w_out, torch.float32)
-        expect = _reference(x, mask, w_q, w_scale, b, idx, w_out, torch.float32)
-        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
-        mask_only = (mask, None, None)
-    else:
-        mask_only = (None, None, None)
-    got = cpu_int8_gemv.int8_linear_gemv(
-        x, mask_only[0], w_q, w_scale, b, None, None, torch.float32
-    )
-    q, s = ref.quantize_rows(x, mask_only[0])
-    assert torch.equal(got, ref.int8_linear(q, s, w_q, w_scale, b, None, torch.float32))
+    """With and without outlier copies the result is the reference's bit for bit (the
+    same codes, int32 sums and float epilogue; the copies' codes summed onto their weight
+    column). K = 100 runs the tail past the last 32-byte vector."""
+    x, w_q, w_scale, b, expansion, w_plain = _site(m, k, n, n_out, seed=m * k)
+    got = cpu_int8_gemv.int8_linear_gemv(x, w_q, w_scale, b, expansion[0], torch.float32)
+    assert torch.equal(got, _reference(x, w_q, w_scale, b, expansion, torch.float32))
+    got = cpu_int8_gemv.int8_linear_gemv(x, w_plain, w_scale, b, None, torch.float32)
+    q, s = ref.quantize_rows(x)
+    assert torch.equal(got, ref.int8_linear(q, s, w_plain, w_scale, b, None, torch.float32))
 
 
 def test_kernel_edge_rows_and_dtypes():
     """A zero row (the EPS scale), a NaN row (NaN out, other rows untouched), bf16 in and
     out, and a 3-d input."""
-    x, mask, w_q, w_scale, b, idx, w_out = _site(3, 64, 24, 2)
+    x, w_q, w_scale, b, expansion, _ = _site(3, 64, 24, 2)
     x[0] = 0
     x[2, 5] = float("nan")
-    got = torch.ops.lowbit.int8_gemv_cpu(x, mask, w_q, w_scale, b, idx, w_out)
-    expect = _reference(x[:2], mask, w_q, w_scale, b, idx, w_out, torch.float32)
-    torch.testing.assert_close(got[:2], expect, rtol=1e-5, atol=1e-4)
+    got = torch.ops.lowbit.int8_gemv_cpu(x, w_q, w_scale, b, expansion[0])
+    assert torch.equal(got[:2], _reference(x[:2], w_q, w_scale, b, expansion, torch.float32))
     assert got[2].isnan().all()
     xb = x[:2].to(torch.bfloat16).view(1, 2, 64)
-    got = cpu_int8_gemv.int8_linear_gemv(xb, mask, w_q, w_scale, b, idx, w_out, torch.bfloat16)
-    expect = _reference(xb, mask, w_q, w_scale, b, idx, w_out, torch.bfloat16)
+    got = cpu_int8_gemv.int8_linear_gemv(xb, w_q, w_scale, b, expansion[0], torch.bfloat16)
     assert got.shape == (1, 2, 24) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2)
+    assert torch.equal(got, _reference(xb, w_q, w_scale, b, expansion, torch.bfloat16))
 
 
 def test_kernel_opcheck_and_bad_arguments():
-    x, mask, w_q, w_scale, b, idx, w_out = _site(1, 64, 8, 2)
-    torch.library.opcheck(
-        torch.ops.lowbit.int8_gemv_cpu.default, (x, mask, w_q, w_scale, b, idx, w_out)
-    )
+    x, w_q, w_scale, b, (copies, _, _), w_plain = _site(1, 64, 8, 2)
+    torch.library.opcheck(torch.ops.lowbit.int8_gemv_cpu.default, (x, w_q, w_scale, b, copies))
     with pytest.raises(RuntimeError, match="w_q must be contiguous int8"):
-        torch.ops.lowbit.int8_gemv_cpu(x, None, w_q.float(), w_scale, None, None, None)
-    with pytest.raises(RuntimeError, match="come together"):
-        torch.ops.lowbit.int8_gemv_cpu(x, mask, w_q, w_scale, None, idx, None)
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.lowbit.int8_gemv_cpu(x, mask, w_q, w_scale, None, idx + 64, w_out)
+        torch.ops.lowbit.int8_gemv_cpu(x, w_q.float(), w_scale, None, copies)
+    with pytest.raises(RuntimeError, match=r"w_q must be contiguous int8 \[N, K \+ E\]"):
+        torch.ops.lowbit.int8_gemv_cpu(x, w_plain, w_scale, None, copies)
+    with pytest.raises(RuntimeError, match="whole numbers"):
+        torch.ops.lowbit.int8_gemv_cpu(x, w_q, w_scale, None, copies - 0.5)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("recipe", ["int8-mixed", "w8a8"])
 @pytest.mark.parametrize("handoff", ["eager", "inductor"])
 def test_decode_step_uses_the_kernel_and_keeps_the_logits(recipe, handoff, monkeypatch):
-    """A one-token decode step lowers every int8 linear to the kernel (outlier partials
+    """A one-token decode step lowers every int8 linear to the kernel (outlier copies
     included) and gives the logits of the same graph lowered without it."""
     import qcompile
     from qcompile.lowering import lower as lower_mod

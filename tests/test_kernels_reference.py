@@ -213,6 +213,34 @@ def test_opcheck_quantize_rows():
     torch.library.opcheck(lowbit.quantize_rows.default, (x, None))
 
 
+@SMALL
+@given(
+    rows=st.integers(1, 6),
+    k=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_rows_copies_spreads_codes_without_clipping(rows, k, dtype, seed):
+    """The pieces of a column sum to its code on the row's step, every column (outliers
+    too) is within half a step of ``x``, and the step is set by ``max |x| / copies``."""
+    g = gen(seed)
+    x = rand_x((rows, k), g, dtype, outliers=min(3, k)) * 3
+    copies = torch.randint(1, 5, (k,), generator=g).float()
+    src, piece = ref.outlier_expansion(copies)
+    assert src.numel() == int(copies.sum()) and torch.equal(src[:k], torch.arange(k))
+    q, s = ref.quantize_rows_copies(x, copies, src, piece)
+    assert q.dtype == torch.int8 and q.shape == (rows, src.numel()) and q.abs().max() <= 127
+    codes = torch.zeros(rows, k).index_add_(1, src, q.float())  # each column's pieces summed
+    xf = x.float()
+    assert torch.all((xf - codes * s).abs() <= s / 2 * (1 + 1e-5) + 1e-12)
+    assert torch.equal(s, (xf.abs() / copies).amax(-1, keepdim=True).clamp_min(ref.EPS) / 127)
+    # the pieces of one column: full (127) pieces first, all with the code's sign
+    for c in range(k):
+        pieces = q[:, src == c].float()
+        assert torch.all(pieces * codes[:, c : c + 1] >= 0)
+    torch.library.opcheck(lowbit.quantize_rows_copies.default, (x, copies, src, piece))
+
+
 def test_opcheck_int8_linear():
     x, mask, w_q, w_scale, b = small_case()
     q, s = ref.quantize_rows(x, mask)

@@ -469,6 +469,22 @@ def test_cpu_unfused_transform_dtype(tiny, monkeypatch):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+def test_int8_mixed_triton_target_matches_cpu_target(tiny):
+    """int8-mixed's outlier copies on target "triton": the codes from the aten reference
+    (inductor's Triton code on a GPU), the int8 GEMM over the K + E columns the Triton
+    kernel's; the result is the CPU target's."""
+    spec, cal, traced = tiny
+    opts = {"recipe": "int8-mixed", "calibration": cal, "outlier_ratio": 1.2}
+    out_cpu, _ = _run(traced, {**opts, "target": "cpu"})
+    out, ops = _run(traced, {**opts, "target": "triton"})
+    report = qcompile.compiled_reports()[-1]
+    assert report.target == "triton" and sum(bool(r.outlier_copies) for r in report.sites) >= 2
+    assert ops["lowbit.int8_linear_triton.default"] == len(report.quantized) == 7 * spec.layers + 1
+    assert ops["quantize_rows_copies"] >= 2
+    torch.testing.assert_close(out, out_cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_w4a4_duquant_triton_target_matches_cpu_target(tiny):
     spec, cal, traced = tiny
     opts = {"recipe": "w4a4-duquant", "calibration": cal, "duquant": {"block_size": 16}}

@@ -472,3 +472,38 @@ def test_duquant_round_trip_with_tied_embeddings_and_generate(tmp_path):
     with torch.no_grad():
         loaded.compile(backend="lowbit", options=opts)
         assert torch.equal(loaded.generate(prompt, max_new_tokens=3, do_sample=False), expected)
+
+
+def _int8_mixed_with_copies(plan) -> dict:
+    arts = [a for q in plan["quantized"].values() for a in q["artifacts"]]
+    return next(a for a in arts if "copies" in a["tensors"])
+
+
+def _retired_outlier_layout(plan, tensors):
+    """The int8-mixed layout saved before 2026-12-07: full-precision outlier columns."""
+    art = _int8_mixed_with_copies(plan)
+    name = art["tensors"].pop("copies")
+    tensors[f"{name}_w_outlier"] = torch.zeros(3, 2)
+    art["tensors"]["w_outlier"] = f"{name}_w_outlier"
+
+
+def _copies_off_by_one(plan, tensors):
+    name = _int8_mixed_with_copies(plan)["tensors"]["copies"]
+    tensors[name] = tensors[name].clone()
+    tensors[name][0] += 1  # one more copy than the weight has columns for
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [(_retired_outlier_layout, "compile the model again"), (_copies_off_by_one, "expected int8")],
+    ids=["retired-layout", "copies-width"],
+)
+def test_int8_mixed_products_with_other_outlier_columns_raise(saved_files, tmp_path, edit, words):
+    _, path, _, _ = saved_files("int8-mixed")
+    bad = resigned(path, tmp_path, edit)
+    model = build_model(SPEC)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="lowbit.load") as ei:
+        qcompile.load(bad, model)
+    assert words in str(ei.value)
+    assert_unchanged(model, snap)
