@@ -9,13 +9,13 @@
 //          columns, then the outlier columns' copies)
 //   y[m, n] = float(sum_t q[m, t] * w_q[n, t]) * s[m] * w_scale[n] + bias[n]
 // The copies of column k all multiply w_q[n, k] and their codes sum to v, so the integer
-// sum is computed as sum_k v[k] * w_q[n, k]: the first K columns of each weight row, plus
-// (v - clamp(v, -127, 127)) * w_q[n, K + o] for the o-th outlier column (columns K .. K + n
-// repeat the outlier columns once each, in order). The other copies are never read
-// (int8-mixed reads w8a8's bytes and one per outlier column), and the integer sum and the
-// epilogue's float operations are the references': the result is theirs bit for bit. It replaces, per linear, the row
-// quantization, the int8 GEMM and the epilogue: one pass over the int8 weight rows. A row
-// holding a NaN or an infinity gives NaN outputs.
+// sum is computed as sum_k v[k] * w_q[n, k] from the first K columns of each weight row:
+// the int8 dot product with clamp(v, -127, 127), plus, when some code exceeds +-127, dot
+// products with the base-127 digits of v - clamp(v) (see Rows). The copies are never
+// read: int8-mixed reads w8a8's bytes. The integer
+// sum and the epilogue's float operations are the references': the result is theirs bit
+// for bit. It replaces, per linear, the row quantization, the int8 GEMM and the epilogue:
+// one pass over the int8 weight rows. A row holding a NaN or an infinity gives NaN outputs.
 //
 // AVX2 where the compiler targets it (|q| times sign(w, q) as unsigned x signed bytes:
 // |q|, |w| <= 127 keep the pair sums within int16), else scalar loops with the same sums.
@@ -36,15 +36,21 @@
 #endif
 
 namespace {
-constexpr int64_t MAX_ROWS = 4;  // rows of x per pass over a weight row
+constexpr int64_t MAX_ROWS = 4;  // rows dotted per pass over a weight row (more: again, from L1)
 constexpr int64_t PREFETCH = 4096;  // bytes ahead in the weight stream
 
+// The int8 rows the weight rows are dotted with: the M rows' codes clamped to +-127, then,
+// where some outlier column's code v exceeds that, `digits` more blocks of M rows holding
+// v - clamp(v) in base 127 (block p: digit p - 1, of weight 127^(p - 1); |digit| <= 126). They are
+// dense over K and zero outside the outlier columns: dotting them with the weight row
+// already in L1 costs no memory traffic, and the sum stays exact.
 struct Rows {
-  std::vector<int8_t> q;       // [M, K] codes clamped to +-127 (each column's first copy)
-  std::vector<uint8_t> qabs;   // [M, K] |codes|
-  std::vector<int16_t> rest;   // [M, n_outl] v - clamp(v, -127, 127) of the outlier columns
+  int64_t m = 0, digits = 0;   // rows: (1 + digits) * m
+  std::vector<int8_t> q;       // [rows, K]
+  std::vector<uint8_t> qabs;   // [rows, K] |q|
   std::vector<float> scale;    // [M]
   std::vector<uint8_t> bad;    // [M]
+  int64_t rows() const { return (1 + digits) * m; }
 };
 
 // the outlier copies: copies per input column, and the columns that have more than one
@@ -57,11 +63,12 @@ struct Copies {
 Rows quantize(const float* x, int64_t m, int64_t k, const Copies& c) {
   const int64_t n_outl = static_cast<int64_t>(c.cols.size());
   Rows r;
+  r.m = m;
   r.q.resize(m * k);
-  r.qabs.resize(m * k);
-  r.rest.assign(m * n_outl, 0);
   r.scale.resize(m);
   r.bad.assign(m, 0);
+  std::vector<int32_t> rest(m * n_outl, 0);  // [M, n_outl]: v - clamp(v, -127, 127)
+  int32_t rest_max = 0;
   for (int64_t i = 0; i < m; ++i) {
     const float* xr = x + i * k;
     float amax = 0.f;
@@ -75,18 +82,26 @@ Rows quantize(const float* x, int64_t m, int64_t k, const Copies& c) {
     const float inv = 127.f / amax;
     for (int64_t j = 0; j < k; ++j) {
       float v = finite ? std::nearbyint(xr[j] * inv) : 0.f;
-      v = std::min(127.f, std::max(-127.f, v));  // an outlier column's rest: below
-      r.q[i * k + j] = static_cast<int8_t>(v);
-      r.qabs[i * k + j] = static_cast<uint8_t>(std::fabs(v));
+      r.q[i * k + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
     }
     for (int64_t o = 0; o < n_outl && finite; ++o) {
       const int64_t j = c.cols[o];
       const float lim = 127.f * c.copies[j];
       const float v = std::min(lim, std::max(-lim, std::nearbyint(xr[j] * inv)));
-      r.rest[i * n_outl + o] = static_cast<int16_t>(static_cast<int32_t>(v) - r.q[i * k + j]);
+      const int32_t d = static_cast<int32_t>(v) - r.q[i * k + j];
+      rest[i * n_outl + o] = d;
+      rest_max = std::max(rest_max, std::abs(d));
     }
     r.scale[i] = amax / 127.f;
   }
+  for (int32_t left = rest_max; left > 0; left /= 127) ++r.digits;
+  r.q.resize(r.rows() * k, 0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t o = 0; o < n_outl; ++o)
+      for (int32_t d = rest[i * n_outl + o], p = 1; d != 0; d /= 127, ++p)
+        r.q[(p * m + i) * k + c.cols[o]] = static_cast<int8_t>(d % 127);
+  r.qabs.resize(r.q.size());
+  for (size_t t = 0; t < r.q.size(); ++t) r.qabs[t] = static_cast<uint8_t>(std::abs(int(r.q[t])));
   return r;
 }
 
@@ -100,18 +115,34 @@ inline int32_t hsum_i32(__m256i v) {
 
 #endif
 
+// where the prefetch runs: PREFETCH bytes ahead in the stream of the rows' first K columns
+// (rows are `stride` apart; their copies, beyond K, are never read nor prefetched)
+struct Prefetch {
+  const int8_t* row;
+  int64_t col;
+  Prefetch(const int8_t* w, int64_t k, int64_t stride)
+      : row(w + (PREFETCH / k) * stride), col(PREFETCH % k) {}
+  const char* next(int64_t k, int64_t stride) {
+    const char* at = reinterpret_cast<const char*>(row + col);
+    col += 32;
+    if (col >= k) col -= k, row += stride;
+    return at;
+  }
+};
+
 // out[i] = sum_k q[m0 + i, k] * w[k] for MT rows of q, exact in int32. The weight row is
 // prefetched PREFETCH bytes ahead (one stream per core does not keep the memory busy:
 // 8 -> 9.5 GB/s per core on a 2-core Xeon; 4 weight rows per pass measured no faster)
 template <int MT>
-void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int32_t* out) {
+void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int64_t stride, int32_t* out) {
   int64_t j = 0;
 #ifdef LOWBIT_GEMV_AVX2
   __m256i acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
+  Prefetch ahead(w, k, stride);
   for (; j + 32 <= k; j += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(ahead.next(k, stride), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
     for (int i = 0; i < MT; ++i) {
       const int64_t off = (m0 + i) * k + j;
@@ -129,54 +160,36 @@ void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int32_t* ou
     for (int i = 0; i < MT; ++i) out[i] += int32_t(r.q[(m0 + i) * k + j]) * int32_t(w[j]);
 }
 
-// sum_o rest[o] * w[o] in int32 (|rest| <= 127 * 255 fits int16; pair sums of madd_epi16
-// stay below 2^31)
-inline int32_t dot_rest(const int16_t* rest, const int8_t* w, int64_t n) {
-  int64_t o = 0;
-  int32_t sum = 0;
-#ifdef LOWBIT_GEMV_AVX2
-  __m256i acc = _mm256_setzero_si256();
-  for (; o + 16 <= n; o += 16) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o)));
-    const __m256i rv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rest + o));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(rv, wv));
-  }
-  sum = hsum_i32(acc);
-#endif
-  for (; o < n; ++o) sum += int32_t(rest[o]) * int32_t(w[o]);
-  return sum;
-}
-
 struct Weights {
   const int8_t* w_q;           // [N, K + E]
   const float* w_scale;        // [N]
   const float* bias;           // [N] or null
-  int64_t n, k, stride, n_outl;  // stride: K + E
+  int64_t n, k, stride;         // stride: K + E
 };
 
-// y[m0 .. m0 + MT, n]
-template <int MT>
-void rows_times_weight(const Weights& a, const Rows& r, int64_t m0, int64_t n, float* y) {
-  int32_t acc[MT];
-  const int8_t* w = a.w_q + n * a.stride;
-  dot_rows<MT>(r, w, m0, a.k, acc);
-  if (a.n_outl)
-    for (int i = 0; i < MT; ++i) acc[i] += dot_rest(r.rest.data() + (m0 + i) * a.n_outl, w + a.k, a.n_outl);
-  for (int i = 0; i < MT; ++i) {
-    const int64_t row = m0 + i;
-    float v = static_cast<float>(acc[i]) * r.scale[row] * a.w_scale[n];
-    if (a.bias) v = v + a.bias[n];
-    if (r.bad[row]) v = std::numeric_limits<float>::quiet_NaN();
-    y[row * a.n + n] = v;
+// dots[v0 .. v0 + mt] for row n of the weight
+void dot_rows(const Weights& a, const Rows& r, int64_t v0, int64_t mt, const int8_t* w, int32_t* dots) {
+  switch (mt) {
+    case 1: dot_rows<1>(r, w, v0, a.k, a.stride, dots + v0); break;
+    case 2: dot_rows<2>(r, w, v0, a.k, a.stride, dots + v0); break;
+    case 3: dot_rows<3>(r, w, v0, a.k, a.stride, dots + v0); break;
+    default: dot_rows<4>(r, w, v0, a.k, a.stride, dots + v0); break;
   }
 }
 
-void rows_times_weight(const Weights& a, const Rows& r, int64_t m0, int64_t mt, int64_t n, float* y) {
-  switch (mt) {
-    case 1: rows_times_weight<1>(a, r, m0, n, y); break;
-    case 2: rows_times_weight<2>(a, r, m0, n, y); break;
-    case 3: rows_times_weight<3>(a, r, m0, n, y); break;
-    default: rows_times_weight<4>(a, r, m0, n, y); break;
+// y[:, n]: every row's dot with weight row n, its rest digits added, then the epilogue
+void rows_times_weight(const Weights& a, const Rows& r, int64_t n, int32_t* dots, float* y) {
+  const int8_t* w = a.w_q + n * a.stride;
+  for (int64_t v0 = 0; v0 < r.rows(); v0 += MAX_ROWS) dot_rows(a, r, v0, std::min(MAX_ROWS, r.rows() - v0), w, dots);
+  for (int64_t i = 0; i < r.m; ++i) {
+    // the reference's int32 sum: exact, wrapping as _int_mm would should it ever overflow
+    uint32_t acc = static_cast<uint32_t>(dots[i]);
+    for (int64_t p = 1, weight = 1; p <= r.digits; ++p, weight *= 127)
+      acc += static_cast<uint32_t>(weight) * static_cast<uint32_t>(dots[p * r.m + i]);
+    float v = static_cast<float>(static_cast<int32_t>(acc)) * r.scale[i] * a.w_scale[n];
+    if (a.bias) v = v + a.bias[n];
+    if (r.bad[i]) v = std::numeric_limits<float>::quiet_NaN();
+    y[i * a.n + n] = v;
   }
 }
 
@@ -209,7 +222,6 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::T
   a.n = w_q.size(0);
   a.k = k;
   a.stride = c.width;
-  a.n_outl = static_cast<int64_t>(c.cols.size());
   a.w_scale = float_data(w_scale, a.n, "w_scale");
   a.bias = float_data(bias, a.n, "bias");
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
@@ -222,8 +234,8 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::T
   float* out = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k));  // ~64 KB of weights
   at::parallel_for(0, a.n, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS)
-      for (int64_t n = n0; n < n1; ++n) rows_times_weight(a, r, m0, std::min(MAX_ROWS, m - m0), n, out);
+    std::vector<int32_t> dots(r.rows());
+    for (int64_t n = n0; n < n1; ++n) rows_times_weight(a, r, n, dots.data(), out);
   });
   return y.reshape(sizes);
 }

@@ -21,6 +21,7 @@ def _site(m, k, n, n_out, dtype=torch.float32, seed=0, bias=True):
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     idx = torch.randperm(k, generator=g)[:n_out].sort().values
     x[:, idx] *= 40  # the outlier columns
+    x[:, idx[:1]] /= 40  # one this input leaves small: its codes fit one copy
     copies = torch.ones(k)
     copies[idx] = torch.randint(2, 6, (n_out,), generator=g).float()
     src, piece = ref.outlier_expansion(copies)
@@ -46,6 +47,24 @@ def test_kernel_is_the_int8_reference(m, k, n, n_out):
     got = cpu_int8_gemv.int8_linear_gemv(x, w_plain, w_scale, b, None, torch.float32)
     q, s = ref.quantize_rows(x)
     assert torch.equal(got, ref.int8_linear(q, s, w_plain, w_scale, b, None, torch.float32))
+
+
+def test_kernel_many_copies_is_the_int8_reference():
+    """Codes up to 127 x 256 (the most copies a column may have): their rest takes three
+    base-127 digits; still the reference bit for bit, for 1 to 4 rows."""
+    g = torch.Generator().manual_seed(7)
+    copies = torch.ones(96)
+    copies[[3, 40, 41]] = torch.tensor([256.0, 130.0, 2.0])
+    expansion = (copies, *ref.outlier_expansion(copies))
+    w_q, w_scale = ref.quantize_weight_per_channel(torch.randn(24, 96, generator=g))
+    w_q = w_q[:, expansion[1]].contiguous()
+    for m in range(1, 5):
+        x = torch.randn(m, 96, generator=g)
+        x[:, 3] = 1e4 * torch.rand(m, generator=g)  # the row's absmax: |v| near 127 x 256
+        x[:, 40] = -3e3
+        x[:, 41] = 1.5
+        got = cpu_int8_gemv.int8_linear_gemv(x, w_q, w_scale, None, copies, torch.float32)
+        assert torch.equal(got, _reference(x, w_q, w_scale, None, expansion, torch.float32))
 
 
 def test_kernel_edge_rows_and_dtypes():
