@@ -212,7 +212,9 @@ def packed_bits_per_weight(model) -> float | None:
 
 def bytes_read_per_token(model, decode_graph) -> int:
     """What a decode step reads: the decode graph's constants and the parameters the model
-    still holds, each storage once; an input embedding only where the output reads it."""
+    still holds, each storage once; an input embedding only where the output reads it;
+    an ``int8-mixed`` weight without its outlier copies (the decode kernel reads only
+    its first K columns)."""
     storages = {}
     embedding = model.get_input_embeddings().weight
     for p in model.parameters():
@@ -220,7 +222,24 @@ def bytes_read_per_token(model, decode_graph) -> int:
             storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
     for _, b in decode_graph.named_buffers():
         storages[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    for ptr, unread in unread_copy_bytes(decode_graph).items():
+        storages[ptr] -= unread
     return sum(storages.values())
+
+
+def unread_copy_bytes(decode_graph) -> dict[int, int]:
+    """Per weight storage, the bytes of ``int8-mixed``'s outlier copies that
+    ``lowbit::int8_gemv_cpu`` skips: ``N x E`` of an ``[N, K + E]`` weight."""
+    from qcompile.kernels import cpu_int8_gemv
+
+    unread = {}
+    for node in decode_graph.graph.nodes:
+        if node.target is not cpu_int8_gemv.int8_linear_gemv or node.args[4] is None:
+            continue
+        w_q = getattr(decode_graph, node.args[1].target)
+        k = getattr(decode_graph, node.args[4].target).numel()
+        unread[w_q.untyped_storage().data_ptr()] = w_q.shape[0] * (w_q.shape[1] - k)
+    return unread
 
 
 def llama_cpp_rows(types, threads, folder: Path) -> list[dict]:
