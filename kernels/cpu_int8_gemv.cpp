@@ -120,7 +120,7 @@ inline int32_t hsum_i32(__m256i v) {
 struct Prefetch {
   const int8_t* row;
   int64_t col;
-  Prefetch(const int8_t* w, int64_t k, int64_t stride)
+  Prefetch(const int8_t* w, int64_t k, int64_t stride)  // k >= 1
       : row(w + (PREFETCH / k) * stride), col(PREFETCH % k) {}
   const char* next(int64_t k, int64_t stride) {
     const char* at = reinterpret_cast<const char*>(row + col);
@@ -140,7 +140,7 @@ void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int64_t str
   __m256i acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
-  Prefetch ahead(w, k, stride);
+  Prefetch ahead(w, std::max<int64_t>(k, 1), stride);
   for (; j + 32 <= k; j += 32) {
     _mm_prefetch(ahead.next(k, stride), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
