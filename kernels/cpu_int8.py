@@ -4,9 +4,10 @@ These are plain Python functions, not custom ops, on purpose: the lowering pass
 puts them into the graph as ``call_function`` nodes, and when the graph goes to
 inductor, AOT tracing turns them into aten ops so inductor fuses the activation
 quantization into its producer and the dequantization epilogue into one
-pointwise kernel. Only the GEMM stays an extern call: ``torch._int_mm``, or on a CPU
-without int8 dot products (no VNNI / AMX) an exact float32 product of the codes
-(``int8_matmul_int32``).
+pointwise kernel. Extern calls: the GEMM (``torch._int_mm``, or on a CPU without int8
+dot products (no VNNI / AMX) an exact float32 product of the codes, ``int8_matmul_int32``)
+and ``int8-mixed``'s quantization with outlier copies (one C++ op for every site,
+``cpu_quantize_copies``).
 
 Invariant: every function computes ``reference``'s numerics exactly (int32 products, the
 same float epilogue).
@@ -18,11 +19,8 @@ import functools
 
 import torch
 
-from .reference import (  # aten-only: what inductor should fuse
-    epilogue_dtype,
-    quantize_rows,
-    quantize_rows_copies,
-)
+from . import cpu_quantize_copies, reference
+from .reference import epilogue_dtype, quantize_rows  # aten-only: what inductor should fuse
 
 __all__ = [
     "quantize_rows",
@@ -113,6 +111,15 @@ def _int8_matmul_as_float(q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
         part = part.to(torch.int32)
         acc = part if acc is None else acc + part
     return acc
+
+
+def quantize_rows_copies(x, copies, src, piece):
+    """``reference.quantize_rows_copies``: the shared C++ op where it builds (as aten ops,
+    inductor compiles one kernel per site, each of its own width K + E), else the aten
+    reference."""
+    if x.device.type == "cpu" and cpu_quantize_copies.available():
+        return torch.ops.lowbit.quantize_rows_copies_cpu(x, copies, src, piece)
+    return reference.quantize_rows_copies(x, copies, src, piece)
 
 
 def int8_linear(q, x_scale, w_q, w_scale, bias, addend, out_dtype):
