@@ -229,7 +229,8 @@ def bytes_read_per_token(model, decode_graph) -> int:
 
 def unread_copy_bytes(decode_graph) -> dict[int, int]:
     """Per weight storage, the bytes of ``int8-mixed``'s outlier copies that
-    ``lowbit::int8_gemv_cpu`` skips: ``N x E`` of an ``[N, K + E]`` weight."""
+    ``lowbit::int8_gemv_cpu`` skips: all but the first copy of each outlier column,
+    ``N x (E - n_outl)`` of an ``[N, K + E]`` weight."""
     from qcompile.kernels import cpu_int8_gemv
 
     unread = {}
@@ -237,8 +238,9 @@ def unread_copy_bytes(decode_graph) -> dict[int, int]:
         if node.target is not cpu_int8_gemv.int8_linear_gemv or node.args[4] is None:
             continue
         w_q = getattr(decode_graph, node.args[1].target)
-        k = getattr(decode_graph, node.args[4].target).numel()
-        unread[w_q.untyped_storage().data_ptr()] = w_q.shape[0] * (w_q.shape[1] - k)
+        copies = getattr(decode_graph, node.args[4].target)
+        read = copies.numel() + int((copies > 1).sum())  # K + n_outl columns per row
+        unread[w_q.untyped_storage().data_ptr()] = w_q.shape[0] * (w_q.shape[1] - read)
     return unread
 
 

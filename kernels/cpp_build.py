@@ -6,18 +6,23 @@ dispatcher (their schemas and fakes are defined in Python next to the source).""
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 from .reference import EPS
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.h)"$', re.MULTILINE)
+
 
 def load(source: Path, probe: str) -> ctypes.CDLL:
     """The library built from ``source`` (``LOWBIT_EPS`` defined as the reference's absmax
-    floor); ``probe`` names an ``extern "C" int`` function of it. Raises inductor's
-    CppCompileError where it cannot be built."""
+    floor; its ``#include "name.h"`` lines of headers next to it replaced by their text, as
+    the builder compiles a string elsewhere); ``probe`` names an ``extern "C" int`` function
+    of it. Raises inductor's CppCompileError where it cannot be built."""
     from torch._inductor.codecache import CppCodeCache
 
-    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + source.read_text())
+    text = _LOCAL_INCLUDE.sub(lambda m: source.with_name(m[1]).read_text(), source.read_text())
+    lib = CppCodeCache.load(f"#define LOWBIT_EPS {float(EPS)!r}f\n" + text)
     getattr(lib, probe).restype = ctypes.c_int
     return lib
 

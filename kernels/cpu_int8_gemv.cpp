@@ -9,20 +9,26 @@
 //          columns, then the outlier columns' copies)
 //   y[m, n] = float(sum_t q[m, t] * w_q[n, t]) * s[m] * w_scale[n] + bias[n]
 // The copies of column k all multiply w_q[n, k] and their codes sum to v, so the integer
-// sum is computed as sum_k v[k] * w_q[n, k] from the first K columns of each weight row:
-// the int8 dot product with clamp(v, -127, 127), plus, when some code exceeds +-127, dot
-// products with the base-127 digits of v - clamp(v) (see Rows). The copies are never
-// read: int8-mixed reads w8a8's bytes. The integer
+// sum is computed as sum_k v[k] * w_q[n, k] from the first K + n_outl columns of each
+// weight row (n_outl: the outlier columns; K + o is outlier o's first copy): the int8 dot
+// product with clamp(v, -127, 127) over K, plus the int16 dot product of the outliers'
+// rests v - clamp(v) with their first copies (see Rows). The other copies are never read:
+// int8-mixed reads w8a8's bytes plus one byte per outlier column and weight row. The integer
 // sum and the epilogue's float operations are the references': the result is theirs bit
 // for bit. It replaces, per linear, the row quantization, the int8 GEMM and the epilogue:
 // one pass over the int8 weight rows. A row holding a NaN or an infinity gives NaN outputs.
 //
-// AVX2 where the compiler targets it (|q| times sign(w, q) as unsigned x signed bytes:
-// |q|, |w| <= 127 keep the pair sums within int16), else scalar loops with the same sums.
+// AVX-512 VNNI where the CPU has it (checked at run time: vpdpbusd multiplies q + 128 as
+// unsigned bytes by w and accumulates in int32; 128 * sum(w), from vpdpbusd with ones, is
+// subtracted), else AVX2 where the compiler targets it (|q| times sign(w, q) as unsigned x
+// signed bytes: |q|, |w| <= 127 keep the pair sums within int16), else scalar loops. All
+// three give the same exact int32 sums.
 // Built and loaded by qcompile.kernels.cpu_int8_gemv with inductor's C++ builder.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu_row_quantize.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,77 +39,52 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LOWBIT_GEMV_AVX2 1
+#if defined(__GNUC__) && defined(__x86_64__)
+// compiled for AVX-512 VNNI whatever the flags; called only where the CPU has it
+#define LOWBIT_GEMV_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
 #endif
 
 namespace {
 constexpr int64_t MAX_ROWS = 4;  // rows dotted per pass over a weight row (more: again, from L1)
 constexpr int64_t PREFETCH = 4096;  // bytes ahead in the weight stream
 
-// The int8 rows the weight rows are dotted with: the M rows' codes clamped to +-127, then,
-// where some outlier column's code v exceeds that, `digits` more blocks of M rows holding
-// v - clamp(v) in base 127 (block p: digit p - 1, of weight 127^(p - 1); |digit| <= 126). They are
-// dense over K and zero outside the outlier columns: dotting them with the weight row
-// already in L1 costs no memory traffic, and the sum stays exact.
-struct Rows {
-  int64_t m = 0, digits = 0;   // rows: (1 + digits) * m
-  std::vector<int8_t> q;       // [rows, K]
-  std::vector<uint8_t> qabs;   // [rows, K] |q|
-  std::vector<float> scale;    // [M]
-  std::vector<uint8_t> bad;    // [M]
-  int64_t rows() const { return (1 + digits) * m; }
-};
-
-// the outlier copies: copies per input column, and the columns that have more than one
+// The outlier copies: copies per input column, and the columns that have more than one.
+// Column K + o of a weight row is the first copy of column cols[o] (outlier_expansion).
 struct Copies {
   const float* copies = nullptr;  // [K] or null (no copies: E = 0)
   std::vector<int64_t> cols;      // the columns with copies > 1, ascending
   int64_t width = 0;              // K + E
 };
 
-Rows quantize(const float* x, int64_t m, int64_t k, const Copies& c) {
-  const int64_t n_outl = static_cast<int64_t>(c.cols.size());
-  Rows r;
-  r.m = m;
-  r.q.resize(m * k);
-  r.scale.resize(m);
-  r.bad.assign(m, 0);
-  std::vector<int32_t> rest(m * n_outl, 0);  // [M, n_outl]: v - clamp(v, -127, 127)
-  int32_t rest_max = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xr = x + i * k;
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t j = 0; j < k; ++j) {
-      finite = finite && std::isfinite(xr[j]);
-      amax = std::max(amax, c.copies ? std::fabs(xr[j]) / c.copies[j] : std::fabs(xr[j]));
+// int8 codes the weight rows are dotted with: `rows` rows of `width` columns, with |q| and
+// q + 128 (the AVX2 and VNNI loops' operands). `tail_q` / `tail_abs` [rows, 32]: the last 32
+// columns of each row with those before the last width % 32 zeroed, so the AVX2 loop ends
+// with one 32-byte step that overlaps the one before it instead of a scalar loop
+struct Codes {
+  int64_t rows = 0, width = 0;
+  std::vector<int8_t> q, tail_q;
+  std::vector<uint8_t> qabs, qoff, tail_abs;
+  void resize(int64_t r, int64_t w) { rows = r, width = w, q.assign(r * w, 0); }
+  bool has_tail() const { return width > 32 && width % 32; }
+  void finish() {
+    qabs.resize(q.size());
+    qoff.resize(q.size());
+    for (size_t t = 0; t < q.size(); ++t) {
+      qabs[t] = static_cast<uint8_t>(std::abs(int(q[t])));
+      qoff[t] = static_cast<uint8_t>(int(q[t]) + 128);
     }
-    r.bad[i] = !finite;
-    amax = std::max(amax, LOWBIT_EPS);
-    const float inv = 127.f / amax;
-    for (int64_t j = 0; j < k; ++j) {
-      float v = finite ? std::nearbyint(xr[j] * inv) : 0.f;
-      r.q[i * k + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-    }
-    for (int64_t o = 0; o < n_outl && finite; ++o) {
-      const int64_t j = c.cols[o];
-      const float lim = 127.f * c.copies[j];
-      const float v = std::min(lim, std::max(-lim, std::nearbyint(xr[j] * inv)));
-      const int32_t d = static_cast<int32_t>(v) - r.q[i * k + j];
-      rest[i * n_outl + o] = d;
-      rest_max = std::max(rest_max, std::abs(d));
-    }
-    r.scale[i] = amax / 127.f;
+    if (!has_tail()) return;
+    tail_q.assign(rows * 32, 0);
+    tail_abs.assign(rows * 32, 0);
+    const int64_t keep = width % 32;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t t = 32 - keep; t < 32; ++t) {
+        tail_q[i * 32 + t] = q[i * width + width - 32 + t];
+        tail_abs[i * 32 + t] = qabs[i * width + width - 32 + t];
+      }
   }
-  for (int32_t left = rest_max; left > 0; left /= 127) ++r.digits;
-  r.q.resize(r.rows() * k, 0);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t o = 0; o < n_outl; ++o)
-      for (int32_t d = rest[i * n_outl + o], p = 1; d != 0; d /= 127, ++p)
-        r.q[(p * m + i) * k + c.cols[o]] = static_cast<int8_t>(d % 127);
-  r.qabs.resize(r.q.size());
-  for (size_t t = 0; t < r.q.size(); ++t) r.qabs[t] = static_cast<uint8_t>(std::abs(int(r.q[t])));
-  return r;
-}
+};
 
 #ifdef LOWBIT_GEMV_AVX2
 inline int32_t hsum_i32(__m256i v) {
@@ -115,8 +96,75 @@ inline int32_t hsum_i32(__m256i v) {
 
 #endif
 
-// where the prefetch runs: PREFETCH bytes ahead in the stream of the rows' first K columns
-// (rows are `stride` apart; their copies, beyond K, are never read nor prefetched)
+// The M rows' codes v (|v| <= 127 copies <= 127 * 256) split in two: `low` [M, K] holds
+// clamp(v, -127, 127); `rest` [M, P] the outlier columns' v - clamp(v) as int16 (|rest| <=
+// 127 * 255), dotted with their first copies, columns K .. K + n_outl of the weight row.
+// The rests sit at the end of their P = n_outl rounded up to 16 columns, zeros before, so
+// the AVX2 loop reads the 16-byte steps ending at column K + n_outl (needs K + n_outl >= P;
+// else the scalar loop). The sum is exact: sum_k v[k] w[k].
+struct Rows {
+  int64_t m = 0, k = 0, n_outl = 0, padded = 0;
+  Codes low;
+  std::vector<int16_t> rest;   // [M, padded]
+  std::vector<float> scale;    // [M]
+  std::vector<uint8_t> bad;    // [M]
+};
+
+Rows quantize(const float* x, int64_t m, int64_t k, const Copies& c) {
+  Rows r;
+  r.m = m;
+  r.k = k;
+  r.n_outl = static_cast<int64_t>(c.cols.size());
+  r.padded = (r.n_outl + 15) / 16 * 16;
+  r.low.resize(m, k);
+  r.rest.assign(m * r.padded, 0);
+  r.scale.resize(m);
+  r.bad.assign(m, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = x + i * k;
+    int8_t* q = r.low.q.data() + i * k;
+    int16_t* rest = r.rest.data() + i * r.padded + (r.padded - r.n_outl);
+    bool finite = true;
+    const float amax = std::max(lowbit_rows::absmax(xr, c.copies, k, finite), LOWBIT_EPS);
+    r.bad[i] = !finite;
+    const float inv = 127.f / amax;
+    if (finite) lowbit_rows::codes(xr, inv, k, q);  // else zeros (the outputs are NaN)
+    for (int64_t o = 0; o < r.n_outl && finite; ++o) {
+      const int64_t j = c.cols[o];
+      const float lim = 127.f * c.copies[j];
+      const float v = std::min(lim, std::max(-lim, std::nearbyint(xr[j] * inv)));
+      rest[o] = static_cast<int16_t>(static_cast<int32_t>(v) - q[j]);
+    }
+    r.scale[i] = amax / 127.f;
+  }
+  r.low.finish();
+  return r;
+}
+
+// sum_o rest[i, o] * w[K + o] for weight row w: int16 x int16 products, exact in int32
+int32_t rest_dot(const Rows& r, int64_t i, const int8_t* w) {
+  int32_t sum = 0;
+  const int64_t lead = r.padded - r.n_outl;  // the zeros before the rests
+#ifdef LOWBIT_GEMV_AVX2
+  if (r.k >= lead) {
+    const int8_t* wp = w + r.k - lead;  // the P bytes ending at column K + n_outl
+    const int16_t* rp = r.rest.data() + i * r.padded;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t t = 0; t < r.padded; t += 16) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + t)));
+      const __m256i rv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rp + t));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(rv, wv));
+    }
+    return hsum_i32(acc);
+  }
+#endif
+  for (int64_t o = 0; o < r.n_outl; ++o) sum += int32_t(r.rest[i * r.padded + lead + o]) * int32_t(w[r.k + o]);
+  return sum;
+}
+
+
+// where the prefetch runs: PREFETCH bytes ahead in the stream of the rows' first k columns
+// (rows are `stride` apart; the rest of each row is neither read nor prefetched)
 struct Prefetch {
   const int8_t* row;
   int64_t col;
@@ -130,19 +178,21 @@ struct Prefetch {
   }
 };
 
-// out[i] = sum_k q[m0 + i, k] * w[k] for MT rows of q, exact in int32. The weight row is
-// prefetched PREFETCH bytes ahead (one stream per core does not keep the memory busy:
-// 8 -> 9.5 GB/s per core on a 2-core Xeon; 4 weight rows per pass measured no faster)
+// out[i] = sum_j q[m0 + i, j] * w[j] over the codes' width, for MT rows, exact in int32.
+// The weight rows' first `stream` columns are prefetched PREFETCH bytes ahead (one stream
+// per core does not keep the memory busy: 8 -> 9.5 GB/s per core on a 2-core Xeon; 4 weight
+// rows per pass measured no faster)
 template <int MT>
-void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int64_t stride, int32_t* out) {
+void dot_rows(const Codes& r, const int8_t* w, int64_t m0, int64_t stream, int64_t stride, int32_t* out) {
+  const int64_t k = r.width;
   int64_t j = 0;
 #ifdef LOWBIT_GEMV_AVX2
   __m256i acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
-  Prefetch ahead(w, std::max<int64_t>(k, 1), stride);
+  Prefetch ahead(w, stream, stride);
   for (; j + 32 <= k; j += 32) {
-    _mm_prefetch(ahead.next(k, stride), _MM_HINT_T0);
+    _mm_prefetch(ahead.next(stream, stride), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
     for (int i = 0; i < MT; ++i) {
       const int64_t off = (m0 + i) * k + j;
@@ -152,6 +202,17 @@ void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int64_t str
       acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, ones));
     }
   }
+  if (r.has_tail()) {  // the last 32 bytes, the codes before the last k % 32 zeroed
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k - 32));
+    for (int i = 0; i < MT; ++i) {
+      const int64_t off = (m0 + i) * 32;
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.tail_q.data() + off));
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.tail_abs.data() + off));
+      const __m256i p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(wv, qv));
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, ones));
+    }
+    j = k;
+  }
   for (int i = 0; i < MT; ++i) out[i] = hsum_i32(acc[i]);
 #else
   for (int i = 0; i < MT; ++i) out[i] = 0;
@@ -160,6 +221,52 @@ void dot_rows(const Rows& r, const int8_t* w, int64_t m0, int64_t k, int64_t str
     for (int i = 0; i < MT; ++i) out[i] += int32_t(r.q[(m0 + i) * k + j]) * int32_t(w[j]);
 }
 
+#ifdef LOWBIT_GEMV_VNNI
+// dot_rows with AVX-512 VNNI: 64 weight bytes per step, one vpdpbusd per row
+// ((q + 128) * w summed in int32) and one for the weights' sum (ones * w)
+template <int MT>
+LOWBIT_GEMV_VNNI void dot_rows_vnni(const Codes& r, const int8_t* w, int64_t m0, int64_t stream,
+                                    int64_t stride, int32_t* out) {
+  const int64_t k = r.width;
+  __m512i acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_si512();
+  __m512i wsum = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  Prefetch ahead(w, stream, stride);
+  int64_t j = 0;
+  for (; j + 64 <= k; j += 64) {
+    _mm_prefetch(ahead.next(stream, stride), _MM_HINT_T0);
+    _mm_prefetch(ahead.next(stream, stride), _MM_HINT_T0);
+    const __m512i wv = _mm512_loadu_si512(w + j);
+    wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+    for (int i = 0; i < MT; ++i)
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(r.qoff.data() + (m0 + i) * k + j), wv);
+  }
+  if (j < k) {  // the last k % 64 bytes, masked (both operands zero beyond: no product)
+    const __mmask64 mask = ~0ULL >> (64 - (k - j));
+    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j);
+    wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+    for (int i = 0; i < MT; ++i)
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_maskz_loadu_epi8(mask, r.qoff.data() + (m0 + i) * k + j), wv);
+    j = k;
+  }
+  const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
+  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_epi32(acc[i]) - offset;
+  for (; j < k; ++j)
+    for (int i = 0; i < MT; ++i) out[i] += int32_t(r.q[(m0 + i) * k + j]) * int32_t(w[j]);
+}
+#endif
+
+// whether dot_rows runs the AVX-512 VNNI loop (lowbit_int8_gemv_use_vnni turns it off to test the other)
+bool vnni_supported() {
+#ifdef LOWBIT_GEMV_VNNI
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+bool use_vnni = vnni_supported();
+
 struct Weights {
   const int8_t* w_q;           // [N, K + E]
   const float* w_scale;        // [N]
@@ -167,25 +274,39 @@ struct Weights {
   int64_t n, k, stride;         // stride: K + E
 };
 
-// dots[v0 .. v0 + mt] for row n of the weight
-void dot_rows(const Weights& a, const Rows& r, int64_t v0, int64_t mt, const int8_t* w, int32_t* dots) {
-  switch (mt) {
-    case 1: dot_rows<1>(r, w, v0, a.k, a.stride, dots + v0); break;
-    case 2: dot_rows<2>(r, w, v0, a.k, a.stride, dots + v0); break;
-    case 3: dot_rows<3>(r, w, v0, a.k, a.stride, dots + v0); break;
-    default: dot_rows<4>(r, w, v0, a.k, a.stride, dots + v0); break;
+// dots[0 .. codes.rows]: every row of `codes` dotted with w (MAX_ROWS rows per pass); the
+// prefetch runs along the first `stream` (>= 1) columns of the weight rows
+void dot_all(const Codes& codes, const int8_t* w, int64_t stream, int64_t stride, int32_t* dots) {
+  for (int64_t v0 = 0; v0 < codes.rows; v0 += MAX_ROWS) {
+    const int64_t mt = std::min(MAX_ROWS, codes.rows - v0);
+#ifdef LOWBIT_GEMV_VNNI
+    if (use_vnni) {
+      switch (mt) {
+        case 1: dot_rows_vnni<1>(codes, w, v0, stream, stride, dots + v0); break;
+        case 2: dot_rows_vnni<2>(codes, w, v0, stream, stride, dots + v0); break;
+        case 3: dot_rows_vnni<3>(codes, w, v0, stream, stride, dots + v0); break;
+        default: dot_rows_vnni<4>(codes, w, v0, stream, stride, dots + v0); break;
+      }
+      continue;
+    }
+#endif
+    switch (mt) {
+      case 1: dot_rows<1>(codes, w, v0, stream, stride, dots + v0); break;
+      case 2: dot_rows<2>(codes, w, v0, stream, stride, dots + v0); break;
+      case 3: dot_rows<3>(codes, w, v0, stream, stride, dots + v0); break;
+      default: dot_rows<4>(codes, w, v0, stream, stride, dots + v0); break;
+    }
   }
 }
 
-// y[:, n]: every row's dot with weight row n, its rest digits added, then the epilogue
+// y[:, n]: every row's dot with weight row n (its outliers' rests added), then the epilogue
 void rows_times_weight(const Weights& a, const Rows& r, int64_t n, int32_t* dots, float* y) {
   const int8_t* w = a.w_q + n * a.stride;
-  for (int64_t v0 = 0; v0 < r.rows(); v0 += MAX_ROWS) dot_rows(a, r, v0, std::min(MAX_ROWS, r.rows() - v0), w, dots);
+  dot_all(r.low, w, a.k + r.n_outl, a.stride, dots);
   for (int64_t i = 0; i < r.m; ++i) {
     // the reference's int32 sum: exact, wrapping as _int_mm would should it ever overflow
     uint32_t acc = static_cast<uint32_t>(dots[i]);
-    for (int64_t p = 1, weight = 1; p <= r.digits; ++p, weight *= 127)
-      acc += static_cast<uint32_t>(weight) * static_cast<uint32_t>(dots[p * r.m + i]);
+    if (r.n_outl) acc += static_cast<uint32_t>(rest_dot(r, i, w));
     float v = static_cast<float>(static_cast<int32_t>(acc)) * r.scale[i] * a.w_scale[n];
     if (a.bias) v = v + a.bias[n];
     if (r.bad[i]) v = std::numeric_limits<float>::quiet_NaN();
@@ -234,7 +355,7 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::T
   float* out = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k));  // ~64 KB of weights
   at::parallel_for(0, a.n, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> dots(r.rows());
+    std::vector<int32_t> dots(r.m);
     for (int64_t n = n0; n < n1; ++n) rows_times_weight(a, r, n, dots.data(), out);
   });
   return y.reshape(sizes);
@@ -247,6 +368,12 @@ extern "C" int lowbit_int8_gemv_built_with_avx2() {
 #else
   return 0;
 #endif
+}
+
+// Turns the AVX-512 VNNI loop on (where the CPU has it) or off; returns whether it is on.
+extern "C" int lowbit_int8_gemv_use_vnni(int enable) {
+  use_vnni = enable && vnni_supported();
+  return use_vnni;
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("int8_gemv_cpu", &int8_gemv_cpu); }

@@ -11,12 +11,14 @@
 // quantization kernel per site (each site's copies give it its own width). A row holding a
 // NaN or an infinity gets zero codes and a NaN scale (its outputs become NaN).
 //
-// AVX2 where the compiler targets it (round-to-nearest-even in vroundps, as std::nearbyint),
-// else scalar loops with the same operations. Built and loaded by
+// The row's absmax and first K codes: cpu_row_quantize.h; the pieces: AVX2 where the
+// compiler targets it, else scalar loops with the same operations. Built and loaded by
 // qcompile.kernels.cpu_quantize_copies with inductor's C++ builder.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu_row_quantize.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,50 +39,6 @@ struct Extra {
   std::vector<int64_t> col;
   std::vector<float> lim, below;  // 127 copies[col], 127 piece
 };
-
-// max_k |x[k]| / copies[k]; `finite` false when some x[k] is a NaN or an infinity
-float row_absmax(const float* x, const float* copies, int64_t k, bool& finite) {
-  int64_t j = 0;
-  float amax = 0.f;
-  bool bad = false;
-#ifdef LOWBIT_QUANTIZE_AVX2
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
-  for (; j + 8 <= k; j += 8) {
-    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask);
-    vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or inf
-    vmax = _mm256_max_ps(vmax, _mm256_div_ps(a, _mm256_loadu_ps(copies + j)));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  for (float v : lanes) amax = std::max(amax, v);
-  bad = _mm256_movemask_ps(vbad) != 0;
-#endif
-  for (; j < k; ++j) {
-    bad = bad || !std::isfinite(x[j]);
-    amax = std::max(amax, std::fabs(x[j]) / copies[j]);
-  }
-  finite = !bad;
-  return amax;
-}
-
-// q[k] = clamp(round_half_even(x[k] * inv), -127, 127)
-void first_codes(const float* x, float inv, int64_t k, int8_t* q) {
-  int64_t j = 0;
-#ifdef LOWBIT_QUANTIZE_AVX2
-  const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
-  for (; j + 8 <= k; j += 8) {
-    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), vinv),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
-    const __m256i i32 = _mm256_cvtps_epi32(v);
-    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm_packs_epi16(i16, i16));
-  }
-#endif
-  for (; j < k; ++j) q[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[j] * inv))));
-}
 
 // q[t] = sign(v) * clamp(|v| - below[t], 0, 127) with v = clamp(round_half_even(xe[t] * inv),
 // -lim[t], lim[t]): the pieces of the extra columns, whose x values xe gathered
@@ -114,14 +72,14 @@ void quantize_row(const float* x, const float* copies, const Extra& e, int64_t k
                   float* scale) {
   const int64_t n_extra = static_cast<int64_t>(e.col.size());
   bool finite = true;
-  const float amax = std::max(row_absmax(x, copies, k, finite), LOWBIT_EPS);
+  const float amax = std::max(lowbit_rows::absmax(x, copies, k, finite), LOWBIT_EPS);
   if (!finite) {
     std::fill(q, q + k + n_extra, int8_t(0));
     *scale = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   const float inv = 127.f / amax;
-  first_codes(x, inv, k, q);
+  lowbit_rows::codes(x, inv, k, q);
   for (int64_t t = 0; t < n_extra; ++t) xe[t] = x[e.col[t]];
   extra_codes(xe, inv, e, n_extra, q + k);
   *scale = amax / 127.f;

@@ -118,7 +118,7 @@ def _source_hash() -> str:
     digest = hashlib.sha256()
     for package in (qcompile, qcompile.kernels, qcompile.lowering, qcompile.passes):
         for path in sorted(Path(package.__path__[0]).glob("*")):
-            if path.suffix in (".py", ".cpp"):
+            if path.suffix in (".py", ".cpp", ".h"):
                 digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -30,17 +30,32 @@ def _site(m, k, n, n_out, dtype=torch.float32, seed=0, bias=True):
     return x, w_q[:, src].contiguous(), w_scale, b, (copies, src, piece), w_q
 
 
+@pytest.fixture(params=["vnni", "avx2"])
+def isa(request):
+    """Each test runs the AVX-512 VNNI loop and the other (AVX2, or scalar where the
+    compiler does not target AVX2); the VNNI run is skipped on a CPU without it."""
+    lib = cpu_int8_gemv.library()
+    if lib.lowbit_int8_gemv_use_vnni(int(request.param == "vnni")) != (request.param == "vnni"):
+        lib.lowbit_int8_gemv_use_vnni(1)
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    yield request.param
+    lib.lowbit_int8_gemv_use_vnni(1)
+
+
 def _reference(x, w_q, w_scale, b, expansion, out_dtype):
     q, s = ref.quantize_rows_copies(x, *expansion)
     return ref.int8_linear(q, s, w_q, w_scale, b, None, out_dtype)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize(("k", "n", "n_out"), [(64, 40, 3), (100, 37, 0), (576, 96, 17)])
-def test_kernel_is_the_int8_reference(m, k, n, n_out):
+@pytest.mark.parametrize(
+    ("k", "n", "n_out"), [(64, 40, 3), (100, 37, 0), (576, 96, 17), (8, 5, 3), (150, 9, 40)]
+)
+def test_kernel_is_the_int8_reference(m, k, n, n_out, isa):
     """With and without outlier copies the result is the reference's bit for bit (the
     same codes, int32 sums and float epilogue; the copies' codes summed onto their weight
-    column). K = 100 runs the tail past the last 32-byte vector."""
+    column). K = 100 runs the tail past the last 32- or 64-byte vector; K = 8 with 3
+    outliers the outliers' scalar loop; 40 outliers more than two 16-wide steps."""
     x, w_q, w_scale, b, expansion, w_plain = _site(m, k, n, n_out, seed=m * k)
     got = cpu_int8_gemv.int8_linear_gemv(x, w_q, w_scale, b, expansion[0], torch.float32)
     assert torch.equal(got, _reference(x, w_q, w_scale, b, expansion, torch.float32))
@@ -49,9 +64,9 @@ def test_kernel_is_the_int8_reference(m, k, n, n_out):
     assert torch.equal(got, ref.int8_linear(q, s, w_plain, w_scale, b, None, torch.float32))
 
 
-def test_kernel_many_copies_is_the_int8_reference():
-    """Codes up to 127 x 256 (the most copies a column may have): their rest takes three
-    base-127 digits; still the reference bit for bit, for 1 to 4 rows."""
+def test_kernel_many_copies_is_the_int8_reference(isa):
+    """Codes up to 127 x 256 (the most copies a column may have): rests up to 127 x 255,
+    the int16 range's edge; still the reference bit for bit, for 1 to 4 rows."""
     g = torch.Generator().manual_seed(7)
     copies = torch.ones(96)
     copies[[3, 40, 41]] = torch.tensor([256.0, 130.0, 2.0])
@@ -67,7 +82,7 @@ def test_kernel_many_copies_is_the_int8_reference():
         assert torch.equal(got, _reference(x, w_q, w_scale, None, expansion, torch.float32))
 
 
-def test_kernel_edge_rows_and_dtypes():
+def test_kernel_edge_rows_and_dtypes(isa):
     """A zero row (the EPS scale), a NaN row (NaN out, other rows untouched), bf16 in and
     out, and a 3-d input."""
     x, w_q, w_scale, b, expansion, _ = _site(3, 64, 24, 2)
