@@ -3,9 +3,10 @@
 Invariant: ``int8_linear_gemv`` computes ``reference.quantize_rows`` (or, with
 ``int8-mixed``'s outlier copies, ``reference.quantize_rows_copies``) followed by
 ``reference.int8_linear``: the same codes, int32 sums and float epilogue, in the same
-order, so the same result bit for bit; with copies it reads only the first K columns of
-each weight row (an outlier column's copies all repeat its weight column), as many bytes
-as ``w8a8``. At decode that replaces, per linear, the row
+order, so the same result bit for bit; with copies it reads only the first K + n_outl
+columns of each weight row (the K columns, then each outlier column's first copy: its
+copies all repeat its weight column), ``w8a8``'s bytes plus one per outlier column and
+output row. At decode that replaces, per linear, the row
 quantization, ``_int_mm`` and the epilogue: a one-token step of ``int8-mixed`` or
 ``w8a8`` makes one call per linear instead of an extern call and fused kernels.
 
