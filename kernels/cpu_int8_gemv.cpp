@@ -127,7 +127,7 @@ Rows quantize(const float* x, int64_t m, int64_t k, const Copies& c) {
     bool finite = true;
     const float amax = std::max(lowbit_rows::absmax(xr, c.copies, k, finite), LOWBIT_EPS);
     r.bad[i] = !finite;
-    const float inv = 127.f / amax;
+    const float inv = lowbit_rows::inv_step(amax);
     if (finite) lowbit_rows::codes(xr, inv, k, q);  // else zeros (the outputs are NaN)
     for (int64_t o = 0; o < r.n_outl && finite; ++o) {
       const int64_t j = c.cols[o];

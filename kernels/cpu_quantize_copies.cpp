@@ -78,7 +78,7 @@ void quantize_row(const float* x, const float* copies, const Extra& e, int64_t k
     *scale = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  const float inv = 127.f / amax;
+  const float inv = lowbit_rows::inv_step(amax);
   lowbit_rows::codes(x, inv, k, q);
   for (int64_t t = 0; t < n_extra; ++t) xe[t] = x[e.col[t]];
   extra_codes(xe, inv, e, n_extra, q + k);

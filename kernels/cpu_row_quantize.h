@@ -16,6 +16,10 @@
 
 namespace lowbit_rows {
 
+// the reference's 127 / absmax: torch evaluates `127 / t` as reciprocal(t) * 127, which
+// differs from a division in the last bit for some t
+inline float inv_step(float amax) { return (1.f / amax) * 127.f; }
+
 // max_k |x[k]| (/ copies[k] where copies is not null); `finite` false when some x[k] is a
 // NaN or an infinity
 inline float absmax(const float* x, const float* copies, int64_t k, bool& finite) {
