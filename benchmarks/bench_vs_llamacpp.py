@@ -213,8 +213,8 @@ def packed_bits_per_weight(model) -> float | None:
 def bytes_read_per_token(model, decode_graph) -> int:
     """What a decode step reads: the decode graph's constants and the parameters the model
     still holds, each storage once; an input embedding only where the output reads it;
-    an ``int8-mixed`` weight without its outlier copies (the decode kernel reads only
-    its first K columns)."""
+    an ``int8-mixed`` weight without the outlier copies its decode kernel skips
+    (``unread_copy_bytes``)."""
     storages = {}
     embedding = model.get_input_embeddings().weight
     for p in model.parameters():

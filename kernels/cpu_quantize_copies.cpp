@@ -12,7 +12,8 @@
 // NaN or an infinity gets zero codes and a NaN scale (its outputs become NaN).
 //
 // The row's absmax and first K codes: cpu_row_quantize.h; the pieces: AVX2 where the
-// compiler targets it, else scalar loops with the same operations. Built and loaded by
+// compiler targets it (the header's LOWBIT_ROWS_AVX2), else scalar loops with the same
+// operations. Built and loaded by
 // qcompile.kernels.cpu_quantize_copies with inductor's C++ builder.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,11 +28,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#define LOWBIT_QUANTIZE_AVX2 1
-#endif
-
 namespace {
 
 // the E extra columns: their source column, their clamp limit and the codes below their piece
@@ -44,7 +40,7 @@ struct Extra {
 // -lim[t], lim[t]): the pieces of the extra columns, whose x values xe gathered
 void extra_codes(const float* xe, float inv, const Extra& e, int64_t n, int8_t* q) {
   int64_t t = 0;
-#ifdef LOWBIT_QUANTIZE_AVX2
+#ifdef LOWBIT_ROWS_AVX2
   const __m256 vinv = _mm256_set1_ps(inv), top = _mm256_set1_ps(127.f), zero = _mm256_setzero_ps();
   const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0x80000000u)));
   for (; t + 8 <= n; t += 8) {
@@ -126,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_copies_cpu(const at::Tensor& x,
 }  // namespace
 
 extern "C" int lowbit_quantize_copies_built_with_avx2() {
-#ifdef LOWBIT_QUANTIZE_AVX2
+#ifdef LOWBIT_ROWS_AVX2
   return 1;
 #else
   return 0;
