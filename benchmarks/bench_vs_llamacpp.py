@@ -22,12 +22,14 @@ Columns:
 * first s: the first prefill and decode calls (compilation), per row.
 
     .venv/bin/python benchmarks/bench_vs_llamacpp.py [--threads 2] [--rounds 5] \\
-        [--recipes w8a8 w4a16-g64] [--llama-cpp F32 Q8_0 Q4_0 Q4_1] [--before w4a16-g64] [--handoff inductor] [--speed-only]
+        [--recipes w8a8 w4a16-g64] [--llama-cpp F32 Q8_0 Q4_0 Q4_1] [--before w4a16-g64] [--handoff inductor] [--speed-only] \\
+        [--skip-guard-eval]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -77,10 +79,18 @@ def bandwidth_gbs(mib: int = 512, repeats: int = 7) -> dict[str, float]:
 
 
 class TorchEngine:
-    """A (compiled) Hugging Face model; ``model`` keeps the architecture's config."""
+    """A (compiled) Hugging Face model; ``model`` keeps the architecture's config.
+    ``skip_guards``: prefill and decode run under ``torch.compiler.set_stance(
+    skip_guard_eval_unsafe=True)`` (dynamo checks only the guards that tell its graphs
+    apart; safe here because every graph these calls need was compiled before)."""
 
-    def __init__(self, fwd, model):
-        self.fwd, self.model = fwd, model
+    def __init__(self, fwd, model, skip_guards: bool = False):
+        self.fwd, self.model, self.skip_guards = fwd, model, skip_guards
+
+    def _stance(self):
+        if self.skip_guards:
+            return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,25 +98,29 @@ class TorchEngine:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> None:
-        self.fwd(ids)
+        with self._stance():
+            self.fwd(ids)
 
     @torch.no_grad()
     def decode(self, prompt: torch.Tensor, steps: int, teacher: torch.Tensor | None = None):
         """``steps`` greedy tokens after ``prompt``, or the ``teacher`` tokens fed instead;
         returns (seconds of the steps, log-probabilities of each teacher token)."""
         cache = DynamicCache(config=self.model.config)
-        out = self.fwd(prompt, past_key_values=cache, use_cache=True)
-        logps = []
-        t0 = time.perf_counter()
-        for i in range(steps):
-            row = out.logits[0, -1].float()
-            if teacher is None:
-                tok = row.argmax().view(1, 1)
-            else:
-                tok = teacher[:, i : i + 1]
-                logps.append(row.log_softmax(-1)[tok[0, 0]])
-            out = self.fwd(tok, past_key_values=cache, use_cache=True)
-        return time.perf_counter() - t0, logps
+        self.last_tokens = []
+        with self._stance():
+            out = self.fwd(prompt, past_key_values=cache, use_cache=True)
+            logps = []
+            t0 = time.perf_counter()
+            for i in range(steps):
+                row = out.logits[0, -1].float()
+                if teacher is None:
+                    tok = row.argmax().view(1, 1)
+                else:
+                    tok = teacher[:, i : i + 1]
+                    logps.append(row.log_softmax(-1)[tok[0, 0]])
+                out = self.fwd(tok, past_key_values=cache, use_cache=True)
+                self.last_tokens.append(int(tok))
+            return time.perf_counter() - t0, logps
 
 
 class LlamaCppEngine:
@@ -192,6 +206,20 @@ def lowbit_row(recipe, calibration, handoff, tokens, before: bool = False) -> di
         "per_token": bytes_read_per_token(model, decode_graph),
         "linear_bits": packed_bits_per_weight(model),
     }
+
+
+def skip_guard_row(row: dict) -> dict:
+    """``row``'s compiled model timed under ``skip_guard_eval_unsafe`` (its graphs are all
+    compiled: ``lowbit_row`` ran the prefill, the prompt and both decode graphs)."""
+    engine = row["engine"]
+    skipping = TorchEngine(engine.fwd, engine.model, skip_guards=True)
+    prompt = torch.arange(1, PROMPT + 1).view(1, -1)
+    engine.decode(prompt, 8)
+    skipping.decode(prompt, 8)
+    if skipping.last_tokens != engine.last_tokens:
+        raise RuntimeError(f"{row['name']}: skip_guard_eval_unsafe changed the greedy tokens")
+    return {**row, "name": row["name"] + ", skip guard eval", "engine": skipping, "first_s": None,
+            "same_model_as": row}  # fmt: skip
 
 
 def packed_bits_per_weight(model) -> float | None:
@@ -282,6 +310,9 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true",
                     help="no perplexity columns (fewer graphs to compile with inductor)")  # fmt: skip
     ap.add_argument("--calib-batches", type=int, default=16, help="x 512 tokens, the mix")
+    ap.add_argument("--skip-guard-eval", action="store_true",
+                    help="also time each lowbit row under torch.compiler.set_stance("
+                    "skip_guard_eval_unsafe=True), as a row of its own (same compiled model)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -303,6 +334,8 @@ def main() -> None:
     for recipe, before in [(r, False) for r in args.recipes] + [(r, True) for r in args.before]:
         rows.append(lowbit_row(recipe, calibration, args.handoff, tokens, before))
         print(f"  {rows[-1]['name']}: compiled, {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.skip_guard_eval:
+            rows.append(skip_guard_row(rows[-1]))
     with tempfile.TemporaryDirectory() as folder:
         if args.llama_cpp:
             rows += llama_cpp_rows(args.llama_cpp, args.threads, Path(folder))
@@ -312,6 +345,12 @@ def main() -> None:
 
 def measure(rows, tokens, args) -> None:
     for row in [] if args.speed_only else rows:
+        if "same_model_as" in row:  # the same compiled model: the same logits
+            row["ppl"], row["dec_ratio"] = (
+                row["same_model_as"]["ppl"],
+                row["same_model_as"]["dec_ratio"],
+            )
+            continue
         eng = row["engine"]
         row["ppl"] = perplexity(eng.logits, tokens, batch_size=1)
         row["dec_ratio"] = decode_path_ratio(eng, tokens[:, :PROMPT])

@@ -81,7 +81,7 @@ QuantRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, int
         r.bad[i] = 1;
         amax = 0.f;  // codes 0: the row's outputs are set to NaN at the end
       }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const float inv = amax > 0.f ? (1.f / amax) * 127.f : 0.f;  // torch's 127 / amax (reference_linear)
       int8_t* qb = r.q.data() + i * k + b * BLOCK;
       int32_t s = 0;
       for (int64_t j = 0; j < BLOCK; ++j) {
