@@ -110,6 +110,17 @@ def test_kernel_opcheck_and_bad_arguments():
         torch.ops.lowbit.int8_gemv_cpu(x, w_q, w_scale, None, copies - 0.5)
 
 
+@pytest.mark.parametrize("bad", [0.0, 0.5, 2.5, 257.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("at", [3, 66])  # in an 8-wide vector step, in the scalar tail
+def test_kernel_rejects_bad_copy_counts(bad, at):
+    """Every count that is not a whole number in [1, 256] is an error, wherever it sits."""
+    x, w_q, w_scale, _, (copies, _, _), _ = _site(1, 67, 8, 3)
+    copies = copies.clone()
+    copies[at] = bad
+    with pytest.raises(RuntimeError, match="whole numbers in"):
+        torch.ops.lowbit.int8_gemv_cpu(x, w_q, w_scale, None, copies)
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("recipe", ["int8-mixed", "w8a8"])
 @pytest.mark.parametrize("handoff", ["eager", "inductor"])
