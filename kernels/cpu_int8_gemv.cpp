@@ -372,12 +372,14 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::T
   a.stride = c.width;
   a.w_scale = float_data(w_scale, a.n, "w_scale");
   a.bias = float_data(bias, a.n, "bias");
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = x2.size(0);
-  at::Tensor y = at::empty({m, a.n}, x2.options());
+  // a float32 contiguous x (decode's usual input) is read in place: no dispatcher calls
+  const bool in_place = k > 0 && x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor x2 = in_place ? x : x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = in_place ? x.numel() / k : x2.size(0);
   auto sizes = x.sizes().vec();
   sizes.back() = a.n;
-  if (m == 0 || a.n == 0) return y.reshape(sizes);
+  at::Tensor y = at::empty(sizes, x2.options());  // [..., N], contiguous: [m, N] rows
+  if (m == 0 || a.n == 0) return y;
   const Rows r = quantize(x2.data_ptr<float>(), m, k, c);
   float* out = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k));  // ~64 KB of weights
@@ -385,7 +387,7 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::T
     std::vector<int32_t> dots(r.m);
     for (int64_t n = n0; n < n1; ++n) rows_times_weight(a, r, n, dots.data(), out);
   });
-  return y.reshape(sizes);
+  return y;
 }
 }  // namespace
 

@@ -297,11 +297,13 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
                              int64_t group) {
   const int64_t k = x.size(-1);
   check(packed, scales, zeros, bits, group, k);
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = x2.size(0);
+  // a float32 contiguous x (decode's usual input) is read in place: no dispatcher calls
+  const bool in_place = k > 0 && x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor x2 = in_place ? x : x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = in_place ? x.numel() / k : x2.size(0);
   auto sizes = x.sizes().vec();
   sizes.back() = packed.size(0);
-  at::Tensor y = at::empty({m, packed.size(0)}, x2.options());
+  at::Tensor y = at::empty(sizes, x2.options());  // [..., N], contiguous: [m, N] rows
   Args a = args_of(packed, scales, zeros, group, k);
   at::Tensor b;
   if (bias.has_value()) {
@@ -319,7 +321,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
       default: linear<2>(a, xq, m); break;
     }
   }
-  return y.reshape(sizes);
+  return y;
 }
 
 template <int BITS, typename T>
