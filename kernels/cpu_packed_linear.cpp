@@ -23,6 +23,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_row_quantize.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -81,7 +83,7 @@ QuantRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, int
         r.bad[i] = 1;
         amax = 0.f;  // codes 0: the row's outputs are set to NaN at the end
       }
-      const float inv = amax > 0.f ? (1.f / amax) * 127.f : 0.f;  // torch's 127 / amax (reference_linear)
+      const float inv = amax > 0.f ? lowbit_rows::inv_step(amax) : 0.f;  // reference_linear's
       int8_t* qb = r.q.data() + i * k + b * BLOCK;
       int32_t s = 0;
       for (int64_t j = 0; j < BLOCK; ++j) {
