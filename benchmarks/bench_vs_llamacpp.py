@@ -5,6 +5,9 @@ with ``llama_model_quantize`` (``llama-cpp-python``, the ``bench`` extra; Q4_1 i
 the GGUF's own weights are Q4_1, so that grid flatters it); lowbit's ``int8-mixed``,
 ``w8a8``, ``w4a16-g64``, ``w4a16-g64-gptq``, ``w3a16-g64-gptq``, ``w2a16-g64-gptq`` and
 ``w4a4-duquant``, each compiled on a fresh copy of the model with ``free_weights=True``.
+Optional rows of the same compiled models: decode into a ``StaticCache`` written in place
+(``--static-cache``; the default is transformers' ``DynamicCache``, which concatenates the
+whole cache every step) and under ``skip_guard_eval_unsafe`` (``--skip-guard-eval``).
 
 Columns:
 * ppl: perplexity of 2048 dev tokens (windows of 512, ``qcompile.perplexity``; llama.cpp
@@ -23,7 +26,7 @@ Columns:
 
     .venv/bin/python benchmarks/bench_vs_llamacpp.py [--threads 2] [--rounds 5] \\
         [--recipes w8a8 w4a16-g64] [--llama-cpp F32 Q8_0 Q4_0 Q4_1] [--before w4a16-g64] [--handoff inductor] [--speed-only] \\
-        [--skip-guard-eval]
+        [--skip-guard-eval] [--static-cache]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import torch
 from bench_weight_only import resident_bytes  # noqa: E402  (same folder)
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import qcompile
 from qcompile import corpus
@@ -82,10 +85,20 @@ class TorchEngine:
     """A (compiled) Hugging Face model; ``model`` keeps the architecture's config.
     ``skip_guards``: prefill and decode run under ``torch.compiler.set_stance(
     skip_guard_eval_unsafe=True)`` (dynamo checks only the guards that tell its graphs
-    apart; safe here because every graph these calls need was compiled before)."""
+    apart; safe here because every graph these calls need was compiled before).
+    ``static_cache``: decode writes a ``StaticCache`` of ``PROMPT + STEPS`` positions in
+    place instead of concatenating a ``DynamicCache`` every step."""
 
-    def __init__(self, fwd, model, skip_guards: bool = False):
+    def __init__(self, fwd, model, skip_guards: bool = False, static_cache: bool = False):
         self.fwd, self.model, self.skip_guards = fwd, model, skip_guards
+        self.static_cache = static_cache
+
+    def _cache(self, positions: int):
+        if not self.static_cache:
+            return DynamicCache(config=self.model.config)
+        if positions > PROMPT + STEPS:
+            raise ValueError(f"the static cache holds {PROMPT + STEPS} positions, not {positions}")
+        return StaticCache(config=self.model.config, max_cache_len=PROMPT + STEPS)
 
     def _stance(self):
         if self.skip_guards:
@@ -105,7 +118,7 @@ class TorchEngine:
     def decode(self, prompt: torch.Tensor, steps: int, teacher: torch.Tensor | None = None):
         """``steps`` greedy tokens after ``prompt``, or the ``teacher`` tokens fed instead;
         returns (seconds of the steps, log-probabilities of each teacher token)."""
-        cache = DynamicCache(config=self.model.config)
+        cache = self._cache(prompt.shape[1] + steps)
         self.last_tokens = []
         with self._stance():
             out = self.fwd(prompt, past_key_values=cache, use_cache=True)
@@ -212,7 +225,7 @@ def skip_guard_row(row: dict) -> dict:
     """``row``'s compiled model timed under ``skip_guard_eval_unsafe`` (its graphs are all
     compiled: ``lowbit_row`` ran the prefill, the prompt and both decode graphs)."""
     engine = row["engine"]
-    skipping = TorchEngine(engine.fwd, engine.model, skip_guards=True)
+    skipping = TorchEngine(engine.fwd, engine.model, True, engine.static_cache)
     prompt = torch.arange(1, PROMPT + 1).view(1, -1)
     engine.decode(prompt, 8)
     skipping.decode(prompt, 8)
@@ -220,6 +233,21 @@ def skip_guard_row(row: dict) -> dict:
         raise RuntimeError(f"{row['name']}: skip_guard_eval_unsafe changed the greedy tokens")
     return {**row, "name": row["name"] + ", skip guard eval", "engine": skipping, "first_s": None,
             "same_model_as": row}  # fmt: skip
+
+
+def static_cache_row(row: dict) -> dict:
+    """``row``'s compiled model decoding into a ``StaticCache`` (two more graphs: the prompt
+    and the one-token step, compiled here). Its greedy tokens are not compared with
+    ``row``'s: the attention reads the cache through a mask, which rounds differently, and
+    per-token int8 activations can turn that into a different token (tests check the
+    static cache against the dynamic one on tiny models)."""
+    engine = row["engine"]
+    static = TorchEngine(engine.fwd, engine.model, engine.skip_guards, static_cache=True)
+    t0 = time.perf_counter()
+    static.decode(torch.arange(1, PROMPT + 1).view(1, -1), STEPS)
+    return {**row, "name": row["name"] + ", static cache", "engine": static,
+            "first_s": time.perf_counter() - t0, "same_model_as": row,
+            "own_decode_path": True}  # fmt: skip
 
 
 def packed_bits_per_weight(model) -> float | None:
@@ -313,6 +341,9 @@ def main() -> None:
     ap.add_argument("--skip-guard-eval", action="store_true",
                     help="also time each lowbit row under torch.compiler.set_stance("
                     "skip_guard_eval_unsafe=True), as a row of its own (same compiled model)")  # fmt: skip
+    ap.add_argument("--static-cache", action="store_true",
+                    help="also time each lowbit row decoding into a StaticCache written in "
+                    "place, as a row of its own (same compiled model)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -334,8 +365,13 @@ def main() -> None:
     for recipe, before in [(r, False) for r in args.recipes] + [(r, True) for r in args.before]:
         rows.append(lowbit_row(recipe, calibration, args.handoff, tokens, before))
         print(f"  {rows[-1]['name']}: compiled, {time.perf_counter() - t0:.0f} s", flush=True)
+        base = rows[-1]
         if args.skip_guard_eval:
-            rows.append(skip_guard_row(rows[-1]))
+            rows.append(skip_guard_row(base))
+        if args.static_cache:
+            rows.append(static_cache_row(base))
+            if args.skip_guard_eval:
+                rows.append(skip_guard_row(rows[-1]))
     with tempfile.TemporaryDirectory() as folder:
         if args.llama_cpp:
             rows += llama_cpp_rows(args.llama_cpp, args.threads, Path(folder))
@@ -345,13 +381,12 @@ def main() -> None:
 
 def measure(rows, tokens, args) -> None:
     for row in [] if args.speed_only else rows:
-        if "same_model_as" in row:  # the same compiled model: the same logits
-            row["ppl"], row["dec_ratio"] = (
-                row["same_model_as"]["ppl"],
-                row["same_model_as"]["dec_ratio"],
-            )
+        eng, same = row["engine"], row.get("same_model_as")
+        if same is not None:  # the same compiled model: the same logits
+            row["ppl"] = same["ppl"]
+            row["dec_ratio"] = (decode_path_ratio(eng, tokens[:, :PROMPT])
+                                if row.get("own_decode_path") else same["dec_ratio"])  # fmt: skip
             continue
-        eng = row["engine"]
         row["ppl"] = perplexity(eng.logits, tokens, batch_size=1)
         row["dec_ratio"] = decode_path_ratio(eng, tokens[:, :PROMPT])
         print(f"  {row['name']}: ppl {row['ppl']:.3f}, decode path x{row['dec_ratio']:.4f}",

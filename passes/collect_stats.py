@@ -28,6 +28,7 @@ from torch import fx
 from qcompile import artifacts
 from qcompile.calibration import SiteStats
 from qcompile.context import PassContext
+from qcompile.graph_inputs import runnable_inputs
 from qcompile.recipes import get_recipe, statistics_free_recipe
 
 log = logging.getLogger("qcompile")
@@ -161,7 +162,7 @@ def record_site_inputs(
             return super().run_node(n)
 
     with torch.no_grad():
-        Recorder(gm).run(*example_inputs)
+        Recorder(gm).run(*runnable_inputs(gm, example_inputs))
     return stats
 
 

@@ -23,6 +23,7 @@ from torch import fx
 
 from qcompile import artifacts
 from qcompile.context import LinearSite, PassContext
+from qcompile.graph_inputs import runnable_inputs
 from qcompile.graph_utils import (
     ACTIVATIONS,
     FUSION,
@@ -343,7 +344,7 @@ def _record_inputs(gm, nodes: list[fx.Node], example_inputs):
             return out
 
     with torch.no_grad():
-        outputs = Recorder(gm).run(*example_inputs)
+        outputs = Recorder(gm).run(*runnable_inputs(gm, example_inputs))
     return values, outputs
 
 

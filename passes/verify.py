@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from qcompile.context import PassContext
+from qcompile.graph_inputs import runnable_inputs
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}
 RTOL_16BIT = 5e-2
@@ -35,7 +36,7 @@ def verify(gm: fx.GraphModule, ctx: PassContext, after: str, release: bool = Fal
     if release:  # the last check: free the reference outputs (logits can be large)
         ctx.verify_reference = None
     with torch.no_grad():
-        outputs = gm(*inputs)
+        outputs = gm(*runnable_inputs(gm, inputs))
     ref_list = _flatten(reference)
     out_list = _flatten(outputs)
     if len(ref_list) != len(out_list):

@@ -21,6 +21,7 @@ from qcompile.passes.quantize_lowbit import quantize_lowbit
 from qcompile.passes.quantize_weight_only import quantize_weight_only
 from qcompile.passes.quantize_weights import quantize_weights
 from qcompile.passes.rotate import rotate
+from qcompile.passes.share_kv_heads import share_kv_heads
 from qcompile.passes.smooth import smooth
 from qcompile.passes.split_mixed_mm import split_mixed_mm
 from qcompile.passes.verify import verify
@@ -62,6 +63,8 @@ def run_pipeline(
     drop_dead_weight_views(gm)  # the [in, out] weights' views bind added, once replaced
     if lower_to_target:
         from qcompile.lowering.lower import lower
+
+        runner.run("share_kv_heads", share_kv_heads, gm, ctx)  # cpu: attention reads the KV heads
 
         runner.run("lower", lower, gm, ctx)  # lowbit ops -> cpu / triton kernels
     gm.graph.lint()
