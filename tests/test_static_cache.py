@@ -13,10 +13,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from architectures import ARCHITECTURES, build
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+import qcompile
 from qcompile.graph_inputs import written_placeholders
 from qcompile.passes.share_kv_heads import share_kv_heads
 
@@ -62,8 +64,6 @@ def test_static_cache_decode_matches_dynamic_cache(tiny, recipe, handoff):
 
 
 def test_share_kv_heads_rewrites_every_decode_attention(tiny):
-    import qcompile
-
     torch._dynamo.reset()
     compiled = torch.compile(tiny, backend="lowbit", options={"recipe": "w8a8"})
     generate_logits(compiled, static_cache(tiny))
@@ -85,6 +85,27 @@ def test_written_placeholders_are_the_cache_and_its_counter(tiny):
     layers = tiny.config.num_hidden_layers
     assert len(names) == 3 * layers, names  # keys, values, cumulative_length per layer
     assert all("past_key_values" in n for n in names)
+
+
+# grouped-query (and multi-query) attention in these: the decode graph is rewritten
+SHARED_KV = ("llama", "qwen2", "mistral", "mixtral", "falcon", "gpt_bigcode")
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_generate_with_a_static_cache_on_every_architecture(name):
+    """``generate(cache_implementation="static")`` under lowbit (recipe ``fp``) gives the
+    uncompiled model's tokens, on each of the 25 tiny architectures."""
+    model = build(name).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+        torch._dynamo.reset()
+        model.compile(backend="lowbit", options={"recipe": "fp", "handoff": "eager"})
+        tokens = model.generate(ids, **kwargs)
+    assert torch.equal(tokens, expected)
+    if name in SHARED_KV:
+        assert qcompile.compiled_reports()[-1].pass_rewrites["share_kv_heads"] == 2  # layers
 
 
 # property test: the rewrite on random grouped-query shapes -------------------------
