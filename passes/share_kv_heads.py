@@ -23,6 +23,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qcompile.context import PassContext
+from qcompile.graph_utils import is_call
 
 SDPA = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _ALL = slice(None, None, None)
@@ -75,15 +76,11 @@ def _sdpa_args(node: fx.Node) -> dict | None:
 def _unrepeated(x) -> tuple[fx.Node | None, int | None]:
     """(the heads before the repetition, how often each is repeated) for a repeated
     ``[batch, heads * n, seq, dim]`` tensor; (None, None) for anything else."""
-    if not isinstance(x, fx.Node):
-        return None, None
-    if _is_call(x, "repeat_interleave", torch.repeat_interleave):
+    if is_call(x, ("repeat_interleave", torch.repeat_interleave)):
         return _from_repeat_interleave(x)
-    if not _is_call(x, "reshape", torch.reshape):
+    if not (is_call(x, ("reshape", torch.reshape)) and is_call(x.args[0], ("expand",))):
         return None, None
     expanded = x.args[0]
-    if not (isinstance(expanded, fx.Node) and _is_call(expanded, "expand", None)):
-        return None, None
     unsqueezed = expanded.args[0]
     source = _unsqueezed_at_2(unsqueezed)
     shapes = [_shape(n) for n in (source, expanded, x)]
@@ -114,22 +111,14 @@ def _from_repeat_interleave(x: fx.Node) -> tuple[fx.Node | None, int | None]:
 
 def _unsqueezed_at_2(node) -> fx.Node | None:
     """``x`` for ``x[:, :, None]`` / ``x[:, :, None, :, :]`` / ``x.unsqueeze(2)``."""
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return None
-    if node.target is operator.getitem:
+    if is_call(node, (operator.getitem,)):
         index = node.args[1]
         ok = index in ((_ALL, _ALL, None), (_ALL, _ALL, None, _ALL, _ALL))
         return node.args[0] if ok else None
-    if _is_call(node, "unsqueeze", torch.unsqueeze):
+    if is_call(node, ("unsqueeze", torch.unsqueeze)):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return node.args[0] if dim == 2 else None
     return None
-
-
-def _is_call(node: fx.Node, method: str, function) -> bool:
-    if node.op == "call_method":
-        return node.target == method
-    return node.op == "call_function" and function is not None and node.target is function
 
 
 def _shape(node) -> tuple | None:

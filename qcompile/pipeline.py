@@ -65,7 +65,6 @@ def run_pipeline(
         from qcompile.lowering.lower import lower
 
         runner.run("share_kv_heads", share_kv_heads, gm, ctx)  # cpu: attention reads the KV heads
-
         runner.run("lower", lower, gm, ctx)  # lowbit ops -> cpu / triton kernels
     gm.graph.lint()
 
