@@ -268,13 +268,17 @@ def packed_bits_per_weight(model) -> float | None:
 
 def bytes_read_per_token(model, decode_graph) -> int:
     """What a decode step reads: the decode graph's constants and the parameters the model
-    still holds, each storage once; an input embedding only where the output reads it;
-    an ``int8-mixed`` weight without the outlier copies its decode kernel skips
-    (``unread_copy_bytes``)."""
+    still holds, each storage once; an ``int8-mixed`` weight without the outlier copies its
+    decode kernel skips (``unread_copy_bytes``). The input embedding table only where the
+    output layer reads it in full: tied to an output layer that is not a lowbit site (a
+    site reads its quantized copy, a graph constant); a lookup reads one row."""
+    from qcompile import artifacts
+
     storages = {}
-    embedding = model.get_input_embeddings().weight
+    embedding, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    output_quantized = any(a.kind == "site" for a in artifacts.artifacts_of(output))
     for p in model.parameters():
-        if p is not embedding or p is model.get_output_embeddings().weight:
+        if p is not embedding or (p is output and not output_quantized):
             storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
     for _, b in decode_graph.named_buffers():
         storages[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()

@@ -156,6 +156,20 @@ def _(ids, packed, scales, zeros, bits, group_size, dtype):
     return torch.empty((*ids.shape, scales.shape[1] * group_size), dtype=dtype, device=ids.device)
 
 
+@torch.library.custom_op("lowbit::int8_embedding", mutates_args=())
+def int8_embedding(
+    ids: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, columns: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Embedding lookup from an int8 site's codes; see ``reference.int8_embedding``
+    (the same op on every target)."""
+    return ref.int8_embedding(ids, w_q, w_scale, columns, dtype)
+
+
+@int8_embedding.register_fake
+def _(ids, w_q, w_scale, columns, dtype):
+    return torch.empty((*ids.shape, columns), dtype=dtype, device=ids.device)
+
+
 # Mixture-of-Experts routing (passes/_expert_sites.py): the rows of a grouped product that
 # one expert multiplies, and the per-expert products put back in the grouped order.
 

@@ -99,6 +99,23 @@ def quantize_weight_per_channel(w: torch.Tensor):
     return q, (absmax / QMAX).squeeze(1).float()
 
 
+def int8_embedding(
+    ids: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    columns: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows ``ids`` of the dequantized int8 weight ``w_q[:, :columns] * w_scale[:, None]``,
+    ``[*ids.shape, columns]`` in ``dtype``: an embedding table tied to an int8 site
+    (``int8-mixed``'s codes carry outlier copies past ``columns``). The rows are gathered
+    first, so a lookup touches only the rows it returns."""
+    flat = ids.reshape(-1)
+    codes = w_q.index_select(0, flat)[:, :columns]
+    rows = codes.double() * w_scale.index_select(0, flat).double()[:, None]  # exact
+    return rows.to(dtype).reshape(*ids.shape, columns)
+
+
 def epilogue_dtype(out_dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 when the output is float64."""
     return torch.float64 if out_dtype == torch.float64 else torch.float32

@@ -147,19 +147,22 @@ def test_other_recipe_on_released_weights_raises(model_and_data):
         torch.compile(model, backend="lowbit", options={"recipe": "w8a8", "handoff": "eager"})(ids)
 
 
-def test_tied_embedding_is_kept():
+@pytest.mark.parametrize(("recipe", "table_freed"), [("w8a8", True), ("w6a6-rtn", False)])
+def test_tied_embedding_is_freed_only_where_lookups_read_the_codes(recipe, table_freed):
+    """w8a8: the embedding looks rows up in lm_head's int8 codes (quantize_embedding), so
+    the tied table goes; a low-bit lm_head (W6A6) has no lookup in its codes: kept."""
     spec = TinySpec(hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=64, tied=True)
     model = build_model(spec)
     ids = input_ids(spec, batch=1, seq=8)
     calibration = qcompile.calibrate(model, [ids])
-    opts = options("w8a8", calibration)
+    opts = options(recipe, calibration)
     (ref,) = reference_logits(model, opts, ids)
     torch._dynamo.reset()
     fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
     with torch.no_grad():
         outs = [fast(ids).logits for _ in range(2)]
     assert all(torch.equal(o, ref) for o in outs)
-    assert not artifacts.is_freed(model.lm_head.weight)  # the embedding reads it
+    assert artifacts.is_freed(model.lm_head.weight) == table_freed
     assert artifacts.is_freed(model.model.layers[0].mlp.up_proj.weight)
 
 

@@ -106,13 +106,14 @@ def test_int8_mixed_limits_float32(spec):
 
 
 def int8_weights_only(model):
-    """A copy of ``model`` whose linear weights are their int8 per-channel dequantization."""
+    """A copy of ``model`` whose linear weights are their int8 per-channel dequantization
+    (in place: a tied embedding reads the dequantized table, as lowbit's lookups do)."""
     copy = copy_module.deepcopy(model)
-    for mod in copy.modules():
-        if isinstance(mod, torch.nn.Linear):  # a new Parameter: a tied embedding stays fp
-            w_q, w_scale = quantize_weight_per_channel(mod.weight)
-            deq = (w_q.double() * w_scale.double()[:, None]).to(mod.weight.dtype)
-            mod.weight = torch.nn.Parameter(deq, requires_grad=False)
+    with torch.no_grad():
+        for mod in copy.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w_q, w_scale = quantize_weight_per_channel(mod.weight)
+                mod.weight.copy_((w_q.double() * w_scale.double()[:, None]).to(mod.weight.dtype))
     return copy
 
 

@@ -124,3 +124,66 @@ def test_tied_weight_rule_keeps_a_low_bit_lm_head_at_8_bits(recipe, overrides, h
     assert all(r.scheme == recipe for r in report.sites if r.fqn != "lm_head.weight")
     noted = any("is tied to an embedding" in line for line in report.embeddings)
     assert noted == (head != recipe)
+
+
+def test_reference_int8_lookup_equals_rows_of_the_dequantized_weight():
+    from qcompile.kernels.reference import (
+        int8_embedding,
+        outlier_expansion,
+        quantize_weight_per_channel,
+    )
+
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    w_q, w_scale = quantize_weight_per_channel(w)
+    copies = torch.ones(64)
+    copies[[3, 40]] = torch.tensor([3.0, 2.0])
+    src, _ = outlier_expansion(copies)
+    expanded = w_q.index_select(1, src)  # int8-mixed's codes: K + 3 columns
+    ids = torch.tensor([[3, 0, 49, 3], [7, 7, 1, 2]])
+    table = w_q.double() * w_scale.double()[:, None]
+    for codes in (w_q, expanded):
+        rows = int8_embedding(ids, codes, w_scale, 64, torch.float32)
+        assert torch.equal(rows, table.float()[ids])
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "int8-mixed"])
+@pytest.mark.parametrize("handoff", ["eager", "inductor"])
+def test_tied_int8_lookup_reads_the_codes_and_frees_the_table(recipe, handoff):
+    """A tied lm_head at an int8 recipe: the embedding reads its codes. The logits equal
+    those of an untied twin whose table holds the dequantized rows, and free_weights
+    releases the table."""
+    model = build_model(SPEC)
+    ids = input_ids(SPEC, batch=2, seq=9)
+    calibration = qcompile.calibrate(model, [ids])
+    twin = copy.deepcopy(model)
+    twin.model.embed_tokens.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    # a low ratio gives lm_head outlier columns, so int8-mixed's codes carry copies
+    opts = {"recipe": recipe, "overrides": {"model.*": "fp"}, "calibration": calibration,
+            "handoff": handoff, "outlier_ratio": 1.5}  # fmt: skip
+    with torch.no_grad():
+        torch.compile(twin, backend="lowbit", options=opts)(ids)  # quantizes twin's lm_head
+        w_q, w_scale = lm_head_codes(twin)
+        twin.model.embed_tokens.weight.copy_(w_q[:, :64].double() * w_scale.double()[:, None])
+        torch._dynamo.reset()
+        want = torch.compile(twin, backend="lowbit", options=opts)(ids).logits
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="lowbit", options={**opts, "free_weights": True})
+        got = fast(ids).logits
+        report = qcompile.compiled_reports()[-1]
+        again = fast(ids).logits
+    assert report.embeddings == [
+        f"model.embed_tokens.weight lookups read lm_head.weight's {recipe} codes (tied)"
+    ]
+    if recipe == "int8-mixed":
+        assert w_q.shape[1] > 64  # the lookup skips the outlier copies
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert artifacts.is_freed(model.model.embed_tokens.weight)
+
+
+def lm_head_codes(model):
+    """The int8 codes and scales stored for ``model.lm_head.weight``."""
+    from qcompile.products import Int8Site
+
+    (art,) = [a for a in artifacts.artifacts_of(model.lm_head.weight) if a.kind == "site"]
+    stored = Int8Site.from_tensors(art.tensors)
+    return stored.w_q, stored.w_scale
