@@ -1,6 +1,7 @@
 // The int8 linear of the int8 recipes for few rows (decode), in one call, on the CPU.
 //
-// lowbit::int8_gemv_cpu(x, w_q, w_scale, bias?, copies?):
+// lowbit::int8_gemv_cpu(x, w_q, w_scale, bias?, copies?) (and int8_gemv_cpu_group: the same
+// for several weights of one input, each output bit for bit the single call's):
 //   q, s = the row's int8 codes and scale: reference.quantize_rows (absmax clamped below by
 //          LOWBIT_EPS; codes round-half-even(x * (127 / absmax)), clamped to +-127), or with
 //          int8-mixed's outlier copies reference.quantize_rows_copies (absmax over
@@ -354,40 +355,90 @@ bool read_copies(Copies& c, int64_t k) {
   return ok;
 }
 
-at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
-                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& copies) {
-  const int64_t k = x.size(-1);
+// x's rows as the kernel reads them (a float32 contiguous x, decode's usual input, in
+// place: no dispatcher calls) and the copies they are quantized with
+struct Input {
+  at::Tensor x2;  // x, or its float32 contiguous [m, k] copy
+  const float* data = nullptr;
+  int64_t m = 0, k = 0;
   Copies c;
-  c.width = k;
+  std::vector<int64_t> sizes;  // x's sizes (the outputs': the last one N)
+};
+
+Input read_input(const at::Tensor& x, const std::optional<at::Tensor>& copies) {
+  Input in;
+  in.k = x.size(-1);
+  in.c.width = in.k;
   if (copies.has_value()) {
-    c.copies = float_data(copies, k, "copies");
-    TORCH_CHECK(read_copies(c, k), "int8_gemv_cpu: copies must be whole numbers in [1, 256]");
+    in.c.copies = float_data(copies, in.k, "copies");
+    TORCH_CHECK(read_copies(in.c, in.k), "int8_gemv_cpu: copies must be whole numbers in [1, 256]");
   }
-  TORCH_CHECK(w_q.dtype() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous() && w_q.size(1) == c.width,
+  const bool in_place = in.k > 0 && x.scalar_type() == at::kFloat && x.is_contiguous();
+  in.x2 = in_place ? x : x.reshape({-1, in.k}).to(at::kFloat).contiguous();
+  in.m = in_place ? x.numel() / in.k : in.x2.size(0);
+  in.data = in.x2.data_ptr<float>();
+  in.sizes = x.sizes().vec();
+  return in;
+}
+
+Weights weights_of(const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                   const Input& in) {
+  TORCH_CHECK(w_q.dtype() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous() && w_q.size(1) == in.c.width,
               "int8_gemv_cpu: w_q must be contiguous int8 [N, K + E] (E: the copies beyond the first)");
   Weights a{};
   a.w_q = w_q.data_ptr<int8_t>();
   a.n = w_q.size(0);
-  a.k = k;
-  a.stride = c.width;
+  a.k = in.k;
+  a.stride = in.c.width;
   a.w_scale = float_data(w_scale, a.n, "w_scale");
   a.bias = float_data(bias, a.n, "bias");
-  // a float32 contiguous x (decode's usual input) is read in place: no dispatcher calls
-  const bool in_place = k > 0 && x.scalar_type() == at::kFloat && x.is_contiguous();
-  const at::Tensor x2 = in_place ? x : x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = in_place ? x.numel() / k : x2.size(0);
-  auto sizes = x.sizes().vec();
-  sizes.back() = a.n;
-  at::Tensor y = at::empty(sizes, x2.options());  // [..., N], contiguous: [m, N] rows
-  if (m == 0 || a.n == 0) return y;
-  const Rows r = quantize(x2.data_ptr<float>(), m, k, c);
-  float* out = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k));  // ~64 KB of weights
-  at::parallel_for(0, a.n, grain, [&](int64_t n0, int64_t n1) {
+  return a;
+}
+
+// x times every weight of `ws`: the rows quantized once, then one parallel pass over the
+// weights' rows one after another (q/k/v or gate/up in one call: one fork, and layers too
+// small to split alone share both threads)
+std::vector<at::Tensor> gemv(const Input& in, const std::vector<Weights>& ws) {
+  std::vector<at::Tensor> ys;
+  std::vector<float*> outs;
+  std::vector<int64_t> start{0};  // weight i's rows are [start[i], start[i + 1]) of the pass
+  auto sizes = in.sizes;
+  for (const Weights& a : ws) {
+    sizes.back() = a.n;
+    ys.push_back(at::empty(sizes, in.x2.options()));  // [..., N], contiguous: [m, N] rows
+    outs.push_back(ys.back().data_ptr<float>());
+    start.push_back(start.back() + a.n);
+  }
+  if (in.m == 0 || start.back() == 0) return ys;
+  const Rows r = quantize(in.data, in.m, in.k, in.c);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, in.k));  // ~64 KB of weights
+  at::parallel_for(0, start.back(), grain, [&](int64_t n0, int64_t n1) {
     std::vector<int32_t> dots(r.m);
-    for (int64_t n = n0; n < n1; ++n) rows_times_weight(a, r, n, dots.data(), out);
+    size_t i = std::upper_bound(start.begin(), start.end(), n0) - start.begin() - 1;
+    for (int64_t n = n0; n < n1; ++n) {
+      while (n >= start[i + 1]) ++i;
+      rows_times_weight(ws[i], r, n - start[i], dots.data(), outs[i]);
+    }
   });
-  return y;
+  return ys;
+}
+
+at::Tensor int8_gemv_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& copies) {
+  const Input in = read_input(x, copies);
+  return gemv(in, {weights_of(w_q, w_scale, bias, in)})[0];
+}
+
+// the linears of one input (same copies): each output is int8_gemv_cpu's bit for bit
+std::vector<at::Tensor> int8_gemv_cpu_group(const at::Tensor& x, at::TensorList w_q, at::TensorList w_scale,
+                                            const c10::List<std::optional<at::Tensor>>& bias,
+                                            const std::optional<at::Tensor>& copies) {
+  TORCH_CHECK(w_scale.size() == w_q.size() && bias.size() == w_q.size(),
+              "int8_gemv_cpu_group: one w_scale and one bias (or None) per weight");
+  const Input in = read_input(x, copies);
+  std::vector<Weights> ws;
+  for (size_t i = 0; i < w_q.size(); ++i) ws.push_back(weights_of(w_q[i], w_scale[i], bias.get(i), in));
+  return gemv(in, ws);
 }
 }  // namespace
 
@@ -405,4 +456,7 @@ extern "C" int lowbit_int8_gemv_use_vnni(int enable) {
   return use_vnni;
 }
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("int8_gemv_cpu", &int8_gemv_cpu); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int8_gemv_cpu", &int8_gemv_cpu);
+  m.impl("int8_gemv_cpu_group", &int8_gemv_cpu_group);
+}

@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "library",
     "packed_linear",
+    "packed_linear_group",
     "prepack",
     "reference_linear",
     "supports",
@@ -48,6 +49,18 @@ torch.library.define(
     "(Tensor packed, Tensor scales, Tensor zeros, int bits, int group, int k, ScalarType dtype) "
     "-> Tensor",
 )
+
+
+torch.library.define(
+    "lowbit::packed_linear_cpu_group",
+    "(Tensor x, Tensor[] packed, Tensor[] scales, Tensor[] zeros, Tensor?[] bias, int bits, "
+    "int group) -> Tensor[]",
+)
+
+
+@torch.library.register_fake("lowbit::packed_linear_cpu_group")
+def _(x, packed, scales, zeros, bias, bits, group):
+    return [x.new_empty((*x.shape[:-1], p.shape[0]), dtype=torch.float32) for p in packed]
 
 
 @torch.library.register_fake("lowbit::packed_linear_cpu")
@@ -119,6 +132,16 @@ def packed_linear(
     if bias is not None:
         y = y.float() + bias.float()
     return y.to(x.dtype)
+
+
+def packed_linear_group(x, packed, scales16, zeros8, bits: int, group_size: int, biases):
+    """:func:`packed_linear` at few rows for several weights of one input (q/k/v,
+    gate/up; the same bits and group size) in one call: ``x`` quantized once, one parallel
+    pass over all their rows. Each output is the single call's bit for bit."""
+    ys = torch.ops.lowbit.packed_linear_cpu_group(
+        x, packed, scales16, zeros8, biases, bits, group_size
+    )
+    return [y.to(x.dtype) for y in ys]
 
 
 def reference_linear(x, codes, scales16, zeros8, bits: int, group_size: int, bias=None):

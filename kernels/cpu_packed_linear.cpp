@@ -9,6 +9,8 @@
 //   y = sum_g s_g * sum_{b in g} d_b * (sum_j q_j xq_j - z_g * sum_j xq_j)
 // (integer sums inside the brackets; 8-bit codes are taken as q - 128 and z - 128 so that the
 // byte products stay within int16). A row holding a NaN or an infinity gives NaN outputs.
+// lowbit::packed_linear_cpu_group: the same for several weights of one input (q/k/v, gate/up)
+// in one call and one parallel pass; each output is the single call's bit for bit.
 //
 // lowbit::dequant_packed_cpu: the dense weight s * (q - z) in fp32 or bf16, for the prefill
 // path (dequantize, then the float GEMM).
@@ -255,13 +257,20 @@ void rows_times_weight(const Args& a, const QuantRows& x, int64_t m0, int64_t mt
   }
 }
 
+// every weight of `as` (weight i's rows are [start[i], start[i + 1]) of one parallel pass):
+// q/k/v or gate/up in one call, one fork, and layers too small to split alone share both threads
 template <int BITS>
-void linear(const Args& a, const QuantRows& x, int64_t m) {
+void linear(const std::vector<Args>& as, const std::vector<int64_t>& start, const QuantRows& x, int64_t m) {
   // ~64 KB of weights per task at least, so a 2-thread decode step splits every layer
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, a.row_bytes));
-  at::parallel_for(0, a.n, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < m; m0 += ROWS)
-      for (int64_t n = n0; n < n1; ++n) rows_times_weight<BITS>(a, x, m0, std::min(ROWS, m - m0), n);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, as[0].row_bytes));
+  at::parallel_for(0, start.back(), grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
+      size_t i = std::upper_bound(start.begin(), start.end(), n0) - start.begin() - 1;
+      for (int64_t n = n0; n < n1; ++n) {
+        while (n >= start[i + 1]) ++i;
+        rows_times_weight<BITS>(as[i], x, m0, std::min(ROWS, m - m0), n - start[i]);
+      }
+    }
   });
 }
 
@@ -294,36 +303,55 @@ Args args_of(const at::Tensor& packed, const at::Tensor& scales, const at::Tenso
   return a;
 }
 
-at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
-                             int64_t group) {
+// x times every packed weight (same bits and group size, so one quantization of x serves all)
+std::vector<at::Tensor> packed_linear_cpu_group(const at::Tensor& x, at::TensorList packed, at::TensorList scales,
+                                                at::TensorList zeros,
+                                                const c10::List<std::optional<at::Tensor>>& bias, int64_t bits,
+                                                int64_t group) {
+  TORCH_CHECK(!packed.empty() && scales.size() == packed.size() && zeros.size() == packed.size() &&
+                  bias.size() == packed.size(),
+              "packed_linear_cpu: one scales, zeros and bias (or None) per weight");
   const int64_t k = x.size(-1);
-  check(packed, scales, zeros, bits, group, k);
   // a float32 contiguous x (decode's usual input) is read in place: no dispatcher calls
   const bool in_place = k > 0 && x.scalar_type() == at::kFloat && x.is_contiguous();
   const at::Tensor x2 = in_place ? x : x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = in_place ? x.numel() / k : x2.size(0);
   auto sizes = x.sizes().vec();
-  sizes.back() = packed.size(0);
-  at::Tensor y = at::empty(sizes, x2.options());  // [..., N], contiguous: [m, N] rows
-  Args a = args_of(packed, scales, zeros, group, k);
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == a.n, "packed_linear_cpu: bias must have N elements");
-    a.bias = b.data_ptr<float>();
+  std::vector<at::Tensor> ys, biases;
+  std::vector<Args> as;
+  std::vector<int64_t> start{0};
+  for (size_t i = 0; i < packed.size(); ++i) {
+    check(packed[i], scales[i], zeros[i], bits, group, k);
+    sizes.back() = packed[i].size(0);
+    ys.push_back(at::empty(sizes, x2.options()));  // [..., N], contiguous: [m, N] rows
+    Args a = args_of(packed[i], scales[i], zeros[i], group, k);
+    if (const std::optional<at::Tensor> b = bias.get(i); b.has_value()) {
+      biases.push_back(b->to(at::kFloat).contiguous());
+      TORCH_CHECK(biases.back().numel() == a.n, "packed_linear_cpu: bias must have N elements");
+      a.bias = biases.back().data_ptr<float>();
+    }
+    a.y = ys.back().data_ptr<float>();
+    as.push_back(a);
+    start.push_back(start.back() + a.n);
   }
-  a.y = y.data_ptr<float>();
-  if (m > 0) {
+  if (m > 0 && start.back() > 0) {
     const QuantRows xq = quantize_rows(x2.data_ptr<float>(), m, k, group, int(bits));
     switch (bits) {
-      case 8: linear<8>(a, xq, m); break;
-      case 4: linear<4>(a, xq, m); break;
-      case 3: linear<3>(a, xq, m); break;
-      default: linear<2>(a, xq, m); break;
+      case 8: linear<8>(as, start, xq, m); break;
+      case 4: linear<4>(as, start, xq, m); break;
+      case 3: linear<3>(as, start, xq, m); break;
+      default: linear<2>(as, start, xq, m); break;
     }
   }
-  return y;
+  return ys;
+}
+
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                             int64_t group) {
+  c10::List<std::optional<at::Tensor>> b;
+  b.push_back(bias);
+  return packed_linear_cpu_group(x, {packed}, {scales}, {zeros}, b, bits, group)[0];
 }
 
 template <int BITS, typename T>
@@ -382,5 +410,6 @@ extern "C" int lowbit_packed_built_with_avx2() {
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("packed_linear_cpu", &packed_linear_cpu);
+  m.impl("packed_linear_cpu_group", &packed_linear_cpu_group);
   m.impl("dequant_packed_cpu", &dequant_packed_cpu);
 }

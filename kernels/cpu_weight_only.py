@@ -343,6 +343,33 @@ def dequant_linear_cpu(
     return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
+def dequant_linear_cpu_group(
+    x: torch.Tensor,
+    prepacked: list[dict[str, torch.Tensor]],
+    bits: int,
+    group_size: int,
+    biases: list[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """:func:`dequant_linear_cpu` of several packed weights of one input (q/k/v, gate/up),
+    each output the same: at decode one ``packed_linear_group`` call for all of them (the
+    row quantized once, one parallel pass), else each weight's own path."""
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    m = x2.shape[0]
+    if known_at_run_time(m) or not all(cpu_path(p, m) == "packed_gemv" for p in prepacked):
+        return [dequant_linear_cpu(x, p, bits, group_size, b) for p, b in zip(prepacked, biases)]
+    ys = cpu_packed.packed_linear_group(
+        x2,
+        [p["packed"] for p in prepacked],
+        [p["scales16"] for p in prepacked],
+        [p["zeros8"] for p in prepacked],
+        bits,
+        group_size,
+        biases,
+    )
+    return ys if x.dim() == 2 else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 def _packed_mm(xb, p, path: str, bits: int, group_size: int) -> torch.Tensor:
     """``xb [M, K]`` (bf16) times the packed weight by ``path``, in float32 (the bf16
     results widened, so that every path returns one dtype)."""

@@ -4,8 +4,10 @@ Invariant: a ``lowbit::int8_linear`` whose rows are known at trace time to be at
 ``cpu_int8_gemv.GEMV_MAX_M`` (a decode step), whose codes come from a
 ``lowbit::quantize_rows`` (without inlier mask) or ``lowbit::quantize_rows_copies`` of
 ``x``, becomes ``cpu_int8_gemv.int8_linear_gemv`` on ``x``: the same codes, integer sums
-and float epilogue. An addend is added after the call, in float32, as the epilogue adds
-it. Quantization nodes left unread are erased.
+and float epilogue; the linears of one input and copies (q/k/v, gate/up) become one
+``int8_linear_gemv_group`` call, each output the same bit for bit. An addend is added
+after the call, in float32, as the epilogue adds it. Quantization nodes left unread are
+erased.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from qcompile.graph_utils import add_constant
 from qcompile.kernels import cpu_int8_gemv
 
 from .low_bit_sites import erase_unread
+from .siblings import grouped_call
 
 _FLOAT_OUT = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,20 +33,41 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
     sites = [n for n in graph.nodes if _is_decode_int8_linear(gm, n)]
     if not sites or not cpu_int8_gemv.available():
         return 0
-    quantizations = []
+    by_input = {}  # (x, copies) -> the linears quantizing x with those copies, graph order
     for node in sites:
-        q_item, _, w_q, w_scale, bias, addend, out_dtype = node.args
-        quantize = q_item.args[0]
-        x = quantize.args[0]
+        quantize = node.args[0].args[0]
         plain = quantize.target is torch.ops.lowbit.quantize_rows.default
-        copies = None if plain else quantize.args[1]
-        with graph.inserting_before(node):
-            bias = None if bias is None else _float32_constant(gm, bias, node)
-            wide = out_dtype if addend is None else torch.float32
-            new = graph.call_function(
-                cpu_int8_gemv.int8_linear_gemv, (x, w_q, w_scale, bias, copies, wide)
-            )
-            if addend is not None:  # the epilogue's last add
+        key = (quantize.args[0], None if plain else quantize.args[1])
+        by_input.setdefault(key, []).append(node)
+    quantizations = [node.args[0].args[0] for node in sites]
+    for (x, copies), nodes in by_input.items():
+        _lower_group(gm, x, copies, nodes)
+    erase_unread(gm, list(dict.fromkeys(u for q in quantizations for u in q.users)))
+    erase_unread(gm, list(dict.fromkeys(quantizations)))
+    gm.recompile()
+    return len(sites)
+
+
+def _lower_group(gm: fx.GraphModule, x: fx.Node, copies, nodes: list[fx.Node]) -> None:
+    """One kernel call for the linears ``nodes`` of input ``x`` (several: q/k/v, gate/up;
+    ``siblings.grouped_call``); each output then takes its own addend and dtype."""
+    graph, first = gm.graph, nodes[0]
+    w_qs, w_scales = [n.args[2] for n in nodes], [n.args[3] for n in nodes]
+    with graph.inserting_before(first):
+        biases = [None if n.args[4] is None else _float32_constant(gm, n.args[4], first)
+                  for n in nodes]  # fmt: skip
+    wides = [n.args[6] if n.args[5] is None else torch.float32 for n in nodes]
+    if len(nodes) == 1:
+        with graph.inserting_before(first):
+            args = (x, w_qs[0], w_scales[0], biases[0], copies, wides[0])
+            outs = [graph.call_function(cpu_int8_gemv.int8_linear_gemv, args)]
+    else:
+        args = (x, w_qs, w_scales, biases, copies, wides)
+        outs = grouped_call(graph, nodes, cpu_int8_gemv.int8_linear_gemv_group, args)
+    for node, new in zip(nodes, outs, strict=True):
+        addend, out_dtype = node.args[5], node.args[6]
+        if addend is not None:  # the epilogue's last add, where the addend is computed
+            with graph.inserting_before(node):
                 new = graph.call_function(operator.add, (new, addend))
                 new = graph.call_method("to", (new, out_dtype))
         for key in ("nn_module_stack", "example_value"):
@@ -51,11 +75,6 @@ def lower_int8_decode_cpu(gm: fx.GraphModule) -> int:
                 new.meta[key] = node.meta[key]
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        quantizations.append(quantize)
-    erase_unread(gm, list(dict.fromkeys(u for q in quantizations for u in q.users)))
-    erase_unread(gm, list(dict.fromkeys(quantizations)))
-    gm.recompile()
-    return len(sites)
 
 
 def _is_decode_int8_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

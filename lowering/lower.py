@@ -4,7 +4,8 @@ Precondition: the quantizing passes ran (the graph holds ``lowbit::`` ops only w
 sites were quantized). Postcondition: no target-neutral op is left that the target
 has a kernel for; each is replaced by its ``lowering_table`` entry, by a fusion of the
 low-bit sites (``fuse_cpu``, ``fuse_triton``), by the one-call int8 decode kernel
-(``int8_decode_cpu``), or by a prepacked weight-only call (``lower_dequant_linear_cpu``).
+(``int8_decode_cpu``), or by a prepacked weight-only call (``lower_dequant_linear_cpu``);
+on the CPU the linears of one input share one call (``siblings``).
 Numerical contract: integer GEMM results identical to the reference kernels, float
 epilogues within float32 rounding, fused transforms as their kernel modules state.
 Returns the number of nodes lowered.
@@ -22,6 +23,7 @@ from .derived import lower_dequant_linear_cpu
 from .fuse_cpu import fuse_lowbit_cpu, lower_block_rotate_cpu
 from .fuse_triton import fuse_lowbit_triton
 from .int8_decode_cpu import lower_int8_decode_cpu
+from .siblings import group_weight_only_cpu
 
 
 def lowering_table(target: str) -> dict:
@@ -71,5 +73,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext) -> int:
         elif node.target in table:
             node.target = table[node.target]
             lowered += 1
+    if ctx.target == "cpu":
+        group_weight_only_cpu(gm)  # q/k/v, gate/up: one call at decode
     gm.recompile()
     return lowered

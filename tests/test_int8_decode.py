@@ -156,3 +156,65 @@ def test_decode_step_uses_the_kernel_and_keeps_the_logits(recipe, handoff, monke
     if recipe == "int8-mixed":
         assert any(r.outlier_channels for r in report.sites)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n_out", [0, 5])
+def test_group_kernel_gives_each_single_call_bit_for_bit(m, n_out, isa):
+    """One call for the linears of one input (q/k/v, gate/up): each output equals the
+    single call's, with and without copies, biases and sizes mixed, a zero-row weight."""
+    x, w_q, w_scale, b, (copies, src, _), _ = _site(m, 96, 40, n_out, seed=m + n_out)
+    g = torch.Generator().manual_seed(3)
+    weights = [(w_q, w_scale, b)]
+    for n, bias in ((7, False), (130, True), (0, False)):
+        w, s = ref.quantize_weight_per_channel(torch.randn(n, 96, generator=g))
+        weights.append((w[:, src].contiguous(), s, torch.randn(n, generator=g) if bias else None))
+    cp = copies if n_out else None
+    if cp is None:
+        weights = [(w[:, :96].contiguous(), s, bias) for w, s, bias in weights]
+    got = torch.ops.lowbit.int8_gemv_cpu_group(
+        x, [w for w, _, _ in weights], [s for _, s, _ in weights], [b for _, _, b in weights], cp
+    )
+    for y, (w, s, bias) in zip(got, weights, strict=True):
+        assert torch.equal(y, torch.ops.lowbit.int8_gemv_cpu(x, w, s, bias, cp))
+    torch.library.opcheck(
+        torch.ops.lowbit.int8_gemv_cpu_group.default,
+        (x, [w for w, _, _ in weights], [s for _, s, _ in weights], [b for _, _, b in weights], cp),
+    )
+    with pytest.raises(RuntimeError, match="one w_scale and one bias"):
+        torch.ops.lowbit.int8_gemv_cpu_group(x, [w_q], [w_scale, w_scale], [None], cp)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("recipe", ["int8-mixed", "w8a8"])
+def test_decode_graph_calls_the_kernel_once_per_input(recipe, monkeypatch):
+    """q/k/v and gate/up share their input: one grouped call each per layer, and the
+    logits equal those of one call per linear bit for bit (inductor)."""
+    import qcompile
+
+    model = tiny_llama(seed=5, layers=2, hidden=64)
+    prompt = torch.randint(0, 96, (1, 9))
+    calls = []
+
+    def counting(*args):
+        calls.append(len(args[1]))
+        return grouped(*args)
+
+    def one_call_each(x, w_qs, w_scales, biases, copies, out_dtypes):
+        return [cpu_int8_gemv.int8_linear_gemv(x, w, s, b, copies, d)
+                for w, s, b, d in zip(w_qs, w_scales, biases, out_dtypes)]  # fmt: skip
+
+    grouped = cpu_int8_gemv.int8_linear_gemv_group
+    with torch.no_grad():
+        cal = qcompile.calibrate(model, [torch.randint(0, 96, (2, 24))], sample_rows=32)
+        opts = {"recipe": recipe, "calibration": cal, "handoff": "inductor", "threshold": 1.0}
+        logits = []
+        for group in (counting, one_call_each):
+            torch._dynamo.reset()
+            monkeypatch.setattr(cpu_int8_gemv, "int8_linear_gemv_group", group)
+            fast = torch.compile(model, backend="lowbit", options=opts)
+            cache = DynamicCache(config=model.config)
+            model(prompt[:, :-1], past_key_values=cache, use_cache=True)
+            logits.append(fast(prompt[:, -1:], past_key_values=cache, use_cache=True).logits)
+    assert set(calls) == {2, 3} and calls.count(2) == calls.count(3)  # per layer: gate/up, q/k/v
+    assert torch.equal(logits[0], logits[1])

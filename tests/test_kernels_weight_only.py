@@ -486,3 +486,62 @@ def test_cpu_lowering_compiles_with_inductor(bits, legacy, fresh_dynamo):
     for m in (1, 40) if bits == 4 or not legacy else (1,):
         x = torch.randn(m, 128)
         torch.testing.assert_close(cf(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_packed_group_gives_each_single_call_bit_for_bit(bits):
+    """One call for the packed weights of one input (q/k/v, gate/up): each output is the
+    single call's bit for bit, for 1 to 5 rows, with and without a bias."""
+    cpu_packed.library()
+    gen = _gen(bits)
+    k, g = 128, 32
+    weights = []
+    for n, bias in ((24, True), (7, False), (64, True)):
+        q, s, z = ref.quantize_groupwise(torch.randn(n, k, generator=gen), bits, g)
+        weights.append((pack(q, bits), s.half(), z.to(torch.uint8),
+                        torch.randn(n, generator=gen) if bias else None))  # fmt: skip
+    lists = [list(t) for t in zip(*weights, strict=True)]
+    for m in (1, 4, 5):
+        x = torch.randn(m, k, generator=gen)
+        got = torch.ops.lowbit.packed_linear_cpu_group(x, *lists, bits, g)
+        for y, (p, s16, z8, b) in zip(got, weights, strict=True):
+            assert torch.equal(y, torch.ops.lowbit.packed_linear_cpu(x, p, s16, z8, b, bits, g))
+    torch.library.opcheck(torch.ops.lowbit.packed_linear_cpu_group.default, (x, *lists, bits, g))
+    with pytest.raises(RuntimeError, match="one scales, zeros and bias"):
+        torch.ops.lowbit.packed_linear_cpu_group(
+            x, lists[0], lists[1][:1], lists[2], lists[3], bits, g
+        )
+
+
+@pytest.mark.parametrize("handoff", ["eager", "inductor"])
+def test_cpu_decode_graph_groups_the_linears_of_one_input(handoff, fresh_dynamo, monkeypatch):
+    """A weight-only decode step: q/k/v and gate/up each one grouped call per layer, the
+    logits those of one call per linear bit for bit; prefill keeps each linear's path."""
+    from helpers import TinySpec, build_model, input_ids
+    from transformers import DynamicCache
+
+    spec = TinySpec(hidden=64, heads=4, kv_heads=2, intermediate=64, vocab=96, layers=2)
+    model = build_model(spec)
+    prompt = input_ids(spec, batch=1, seq=9)
+    grouped, sizes = cw.dequant_linear_cpu_group, []
+
+    def counting(x, prepacked, bits, group, biases):
+        sizes.append(len(prepacked))
+        return grouped(x, prepacked, bits, group, biases)
+
+    def one_call_each(x, prepacked, bits, group, biases):
+        return [cw.dequant_linear_cpu(x, p, bits, group, b) for p, b in zip(prepacked, biases)]
+
+    logits = []
+    with torch.no_grad():
+        for group in (counting, one_call_each):
+            torch._dynamo.reset()
+            monkeypatch.setattr(cw, "dequant_linear_cpu_group", group)
+            opts = {"recipe": "w4a16-g32", "handoff": handoff}
+            fast = torch.compile(model, backend="lowbit", options=opts)
+            cache = DynamicCache(config=model.config)
+            full = fast(prompt[:, :-1], past_key_values=cache, use_cache=True).logits
+            logits.append(fast(prompt[:, -1:], past_key_values=cache, use_cache=True).logits)
+            logits.append(full)
+    assert {2, 3} <= set(sizes)  # gate/up, q/k/v
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[3])
