@@ -16,7 +16,8 @@
 // path (dequantize, then the float GEMM).
 //
 // AVX2 intrinsics where the compiler targets AVX2 (every x86 build inductor makes here),
-// otherwise a scalar loop with the same arithmetic. Built and loaded by
+// otherwise a scalar loop with the same arithmetic; 4-bit codes in groups of a multiple of
+// 64 take an AVX-512 VNNI loop where the CPU has it (checked at run time). Built and loaded by
 // qcompile.kernels.cpu_packed with inductor's C++ builder and cache; the ops' schemas and fakes
 // are defined there.
 #include <ATen/ATen.h>
@@ -37,6 +38,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LOWBIT_PACKED_AVX2 1
+#if defined(__GNUC__) && defined(__x86_64__)
+// compiled for AVX-512 VNNI whatever the flags; called only where the CPU has it
+#define LOWBIT_PACKED_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
 #endif
 
 namespace {
@@ -247,8 +252,77 @@ void rows_times_weight(const Args& a, const QuantRows& x, int64_t m0, int64_t n)
   }
 }
 
+#ifdef LOWBIT_PACKED_VNNI
+// 4 bits, groups of a multiple of 64, AVX-512 VNNI: the 64 codes of two blocks per step
+// (their 32 bytes' low nibbles and high nibbles put in dot_order, block by block), one
+// vpdpbusd per row of x (codes times the row's int8 codes, four products per int32 lane:
+// the same exact block sums as the AVX2 loop), lanes 0-7 scaled by the first block's d,
+// 8-15 by the second's. Float sums in another order than the AVX2 loop's.
+template <int MT>
+LOWBIT_PACKED_VNNI void rows_times_weight4_vnni(const Args& a, const QuantRows& x, int64_t m0, int64_t n) {
+  const int64_t ng = a.k / a.group, ppg = a.group / 64, nb = a.k / BLOCK;
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m512i pair_d = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  float zsum[MT] = {};
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const float s = static_cast<float>(a.scales[n * ng + g]);
+    const float sz = s * float(a.zeros[n * ng + g]);
+    for (int i = 0; i < MT; ++i) zsum[i] += sz * x.gsum[(m0 + i) * ng + g];
+    __m512 part[MT];
+    for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t p = g * ppg; p < (g + 1) * ppg; ++p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
+      const __m256i lo = _mm256_and_si256(v, nibble);                       // even codes, both blocks
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);  // odd codes
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      const __m512i w = _mm512_shuffle_i64x2(both, both, 0xD8);  // even 0, odd 0, even 1, odd 1
+      for (int i = 0; i < MT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(x.q.data() + (m0 + i) * a.k + p * 64);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+        const __m128 d2 = _mm_castsi128_ps(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.d.data() + (m0 + i) * nb + 2 * p)));
+        const __m512 dv = _mm512_permutexvar_ps(pair_d, _mm512_castps128_ps512(d2));
+        part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dv, part[i]);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(part[i], sv, acc[i]);
+  }
+  for (int i = 0; i < MT; ++i) {
+    float v = _mm512_reduce_add_ps(acc[i]) - zsum[i];
+    if (x.bad[m0 + i]) v = std::numeric_limits<float>::quiet_NaN();
+    a.y[(m0 + i) * a.n + n] = v + (a.bias ? a.bias[n] : 0.f);
+  }
+}
+#endif
+
+// whether 4-bit weights in groups of a multiple of 64 take the AVX-512 VNNI loop
+// (lowbit_packed_use_vnni turns it off to test the other)
+bool vnni_supported() {
+#ifdef LOWBIT_PACKED_VNNI
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+bool use_vnni = vnni_supported();
+
 template <int BITS>
 void rows_times_weight(const Args& a, const QuantRows& x, int64_t m0, int64_t mt, int64_t n) {
+#ifdef LOWBIT_PACKED_VNNI
+  if (BITS == 4 && use_vnni && a.group % 64 == 0) {
+    switch (mt) {
+      case 1: rows_times_weight4_vnni<1>(a, x, m0, n); break;
+      case 2: rows_times_weight4_vnni<2>(a, x, m0, n); break;
+      case 3: rows_times_weight4_vnni<3>(a, x, m0, n); break;
+      default: rows_times_weight4_vnni<4>(a, x, m0, n); break;
+    }
+    return;
+  }
+#endif
   switch (mt) {
     case 1: rows_times_weight<BITS, 1>(a, x, m0, n); break;
     case 2: rows_times_weight<BITS, 2>(a, x, m0, n); break;
@@ -399,6 +473,12 @@ at::Tensor dequant_packed_cpu(const at::Tensor& packed, const at::Tensor& scales
   return w;
 }
 }  // namespace
+
+// Turns the AVX-512 VNNI loop on (where the CPU has it) or off; returns whether it is on.
+extern "C" int lowbit_packed_use_vnni(int enable) {
+  use_vnni = enable && vnni_supported();
+  return use_vnni;
+}
 
 extern "C" int lowbit_packed_built_with_avx2() {
 #ifdef LOWBIT_PACKED_AVX2

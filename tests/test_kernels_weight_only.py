@@ -322,14 +322,29 @@ def test_cpu_decode_and_prefill_match_reference(bits, dtype):
     assert path == "dequant"
 
 
-def test_cpu_packed_kernel_is_its_reference():
+@pytest.fixture(params=["vnni", "avx2"])
+def packed_isa(request):
+    """The 4-bit AVX-512 VNNI loop (groups of a multiple of 64) and the other (AVX2, or
+    scalar where the compiler does not target AVX2); the VNNI run is skipped on a CPU
+    without it."""
+    lib = cpu_packed.library()
+    if lib.lowbit_packed_use_vnni(int(request.param == "vnni")) != (request.param == "vnni"):
+        lib.lowbit_packed_use_vnni(1)
+        pytest.skip("no AVX-512 VNNI loop here (the CPU lacks it, or the build has no AVX2)")
+    yield request.param
+    lib.lowbit_packed_use_vnni(1)
+
+
+def test_cpu_packed_kernel_is_its_reference(packed_isa):
     """lowbit::packed_linear_cpu computes cpu_packed.reference_linear (int8 activations per
     block of 32, integer dot products, fp16 scales) to float32 rounding: every bit width,
     group sizes 32-128, row counts around the 4-row tiles, a 3-bit K whose codes straddle
-    words, a bias, and a NaN row that must stay NaN without touching the others."""
-    cpu_packed.library()  # the ops are loaded by prepack or here
+    words, a bias, and a NaN row that must stay NaN without touching the others. 4 bits
+    in groups of 64 and 128 run the VNNI loop where it is on."""
     gen = _gen(7)
-    for bits, g, k, m in [(2, 32, 96, 1), (3, 64, 192, 5), (4, 128, 256, 3), (8, 32, 64, 9)]:
+    cases = [(2, 32, 96, 1), (3, 64, 192, 5), (4, 128, 256, 3), (8, 32, 64, 9), (4, 64, 576, 1),
+             (4, 64, 1536, 6), (4, 32, 96, 2)]  # fmt: skip
+    for bits, g, k, m in cases:
         n = 24
         w = torch.randn(n, k, generator=gen) * 0.1
         q, s, z = ref.quantize_groupwise(w, bits, g)
@@ -489,12 +504,11 @@ def test_cpu_lowering_compiles_with_inductor(bits, legacy, fresh_dynamo):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cpu_packed_group_gives_each_single_call_bit_for_bit(bits):
+def test_cpu_packed_group_gives_each_single_call_bit_for_bit(bits, packed_isa):
     """One call for the packed weights of one input (q/k/v, gate/up): each output is the
     single call's bit for bit, for 1 to 5 rows, with and without a bias."""
-    cpu_packed.library()
     gen = _gen(bits)
-    k, g = 128, 32
+    k, g = 128, 64
     weights = []
     for n, bias in ((24, True), (7, False), (64, True)):
         q, s, z = ref.quantize_groupwise(torch.randn(n, k, generator=gen), bits, g)
